@@ -1,0 +1,38 @@
+"""pytest-incus: real system containers, app containers and VMs as pytest fixtures."""
+
+from pytest_incus.errors import (
+    AgentError,
+    ConfigError,
+    ExecError,
+    ExecTimeoutError,
+    ImageError,
+    IncusError,
+    InstanceStartError,
+    UnavailableError,
+)
+from pytest_incus.factory import InstanceFactory
+from pytest_incus.images.store import Image, ImageStore
+from pytest_incus.instance import FileInfo, Instance
+from pytest_incus.runtimes.protocol import ExecResult, InstanceState
+from pytest_incus.settings import Settings
+from pytest_incus.spec import InstanceSpec
+
+__all__ = [
+    "AgentError",
+    "ConfigError",
+    "ExecError",
+    "ExecResult",
+    "ExecTimeoutError",
+    "FileInfo",
+    "Image",
+    "ImageError",
+    "ImageStore",
+    "IncusError",
+    "Instance",
+    "InstanceFactory",
+    "InstanceSpec",
+    "InstanceStartError",
+    "InstanceState",
+    "Settings",
+    "UnavailableError",
+]

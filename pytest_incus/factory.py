@@ -1,0 +1,112 @@
+"""``InstanceFactory``: launches instances, tracks them, and deletes them at the end."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from pytest_incus import fsutil, registry
+from pytest_incus.errors import ConfigError, IncusError, UnavailableError
+from pytest_incus.images.store import ImageStore
+from pytest_incus.instance import Instance
+from pytest_incus.ownership import Owner
+from pytest_incus.runtimes import get_runtime
+from pytest_incus.settings import Settings
+from pytest_incus.spec import InstanceSpec
+
+log = logging.getLogger("pytest_incus")
+
+
+def check_spec(spec: InstanceSpec, *, where: str) -> None:
+    """Everything knowable before launch: image name and kind-specific options."""
+    from pytest_incus.images.ref import parse_ref
+
+    try:
+        parse_ref(spec.image)
+        get_runtime(spec.kind).check(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except UnavailableError:
+        pass  # a kind this host or version cannot run errors (or skips) when the test runs
+
+
+class InstanceFactory:
+    """Launches instances of any kind; each lives until ``delete()`` or ``close()``.
+
+    ``instance_factory.launch(kind=..., image=..., **options)`` takes the options of the
+    ``instance`` marker.
+    """
+
+    def __init__(self, settings: Settings, images: ImageStore, *,
+                 on_ready: Callable[[Instance], None] | None = None) -> None:
+        self.settings = settings
+        self.images = images
+        self._on_ready = on_ready
+        self._owner = Owner.current()
+        self._live: dict[str, Instance] = {}
+
+    def launch(self, kind: str | None = None, image: str | None = None, **options: Any) -> Instance:
+        """Launch an instance and return it once ready (see the ``instance`` marker's options)."""
+        spec = InstanceSpec.parse(kind or self.settings.default_kind,
+                                  image or self.settings.default_image, options, where="launch()")
+        check_spec(spec, where="launch()")
+        return self.launch_spec(spec)
+
+    def launch_spec(self, spec: InstanceSpec) -> Instance:
+        """Launch the instance ``spec`` describes (already checked)."""
+        runtime = get_runtime(spec.kind)
+        reason = runtime.unavailable()
+        if reason:
+            raise UnavailableError(f"cannot launch kind={spec.kind!r} here: {reason}")
+        name = spec.name or f"pti-{secrets.token_hex(4)}"
+        directory = self.settings.instances_dir / name
+        self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            raise ConfigError(f"an instance named {name!r} already exists ({directory}); choose "
+                              "another name, or remove it with: pytest-incus rm " + name) from None
+        registry.write_record(directory, kind=spec.kind, image=spec.image, owner=self._owner)
+        try:
+            machine = runtime.create(spec, name, directory, self.images)
+            machine.start()
+        except BaseException:
+            registry.remove_instance(self.settings, name, spec.kind)
+            raise
+        instance = Instance(machine, spec, exec_timeout=self.settings.exec_timeout,
+                            on_delete=self._delete)
+        self._live[name] = instance
+        if self._on_ready is not None:
+            try:
+                self._on_ready(instance)
+            except BaseException:
+                instance.delete()
+                raise
+        return instance
+
+    def keep(self, instance: Instance) -> None:
+        """Leave ``instance`` running after the run (``--incus-keep``); never reaped."""
+        instance.kept = True
+        registry.mark_kept(instance.directory)
+        self._live.pop(instance.name, None)
+
+    def _delete(self, instance: Instance) -> None:
+        self._live.pop(instance.name, None)
+        try:
+            instance.machine.destroy()
+        finally:
+            fsutil.remove_tree(instance.directory)
+
+    def close(self) -> None:
+        """Delete every instance launched here that is still alive (kept ones stay)."""
+        errors = []
+        for instance in list(self._live.values()):
+            try:
+                instance.delete()
+            except (IncusError, OSError) as exc:
+                errors.append(f"{instance.name}: {exc}")
+        if errors:
+            raise IncusError("could not delete every instance: " + "; ".join(errors)
+                             + "; run pytest-incus reap")

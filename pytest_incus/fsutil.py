@@ -1,0 +1,86 @@
+"""Filesystem helpers that are safe around mounts and partial writes."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def mounts_below(path: Path) -> list[Path]:
+    """Mount points at or below ``path`` in this mount namespace, deepest first."""
+    prefix = str(path.resolve())
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = _unescape(line.split()[4])
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def unmount_below(path: Path) -> None:
+    """Detach every mount at or below ``path`` (a killed debootstrap leaves /proc mounted)."""
+    for point in mounts_below(path):
+        if _libc.umount2(str(point).encode(), _MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot unmount {point}: {os.strerror(err)}")
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` and all below it, never crossing into another filesystem.
+
+    Mounts below are detached first; ``rm --one-file-system`` then guarantees that a mount we
+    failed to see (a host directory bound in) is never emptied.
+    """
+    if not path.exists() and not path.is_symlink():
+        return
+    unmount_below(path)
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=True,
+                   stdin=subprocess.DEVNULL)
+
+
+def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
+    """Write ``path`` so that readers see the old content or the whole new one."""
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it is missing or unreadable (a partial write)."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.read_text())
+    return None
+
+
+def tree_size(path: Path) -> int:
+    """Bytes used by the files below ``path`` (hard links counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(root, name))
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+    return total

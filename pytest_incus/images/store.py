@@ -1,0 +1,239 @@
+"""The image cache: entries built once, under a lock, visible only when complete.
+
+Layout below the cache directory::
+
+    images/<key>/rootfs/        the image's root filesystem
+    images/<key>/image.json     its record; written last, so it is the completion stamp
+    images/<key>.lock           held while the entry is checked, built or removed
+    images/builds.jsonl         one line per builder run, appended under the entry's lock
+    staging/<key>.<pid>.<n>/    builds in progress; renamed to images/<key> when complete
+
+A build killed midway leaves only a staging directory, which the next builder of that key
+(holding the lock, so nobody else is building it) removes. An entry whose record is missing or
+unreadable is corrupt: it is removed and rebuilt, with a warning.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import filelock
+
+from pytest_incus import fsutil
+from pytest_incus.errors import ConfigError, ImageError
+from pytest_incus.images import busybox, debian, local, shift
+from pytest_incus.images.ref import ImageRef, parse_ref
+from pytest_incus.settings import Settings
+
+log = logging.getLogger("pytest_incus")
+
+RECORD = "image.json"
+BUILD_LOG = "builds.jsonl"
+LOCK_TIMEOUT = 3600.0
+
+Progress = Callable[[str], None]
+BuildHook = Callable[[str, Path], bool | None]
+
+_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class Image:
+    """A complete cache entry."""
+
+    ref: str
+    kind: str
+    key: str
+    path: Path
+    size: int
+    created: float
+    init: str  # "systemd", "busybox" or "other": how readiness is decided
+    base: str | None = None  # for a uid-shifted copy, the key of the image it was made from
+
+    @property
+    def rootfs(self) -> Path:
+        """The image's root filesystem (the lower layer of every instance's overlay)."""
+        return self.path / "rootfs"
+
+    @classmethod
+    def load(cls, path: Path) -> Image | None:
+        """The entry at ``path``, or None if it is incomplete or corrupt."""
+        data = fsutil.read_json(path / RECORD)
+        if not isinstance(data, dict) or not (path / "rootfs").is_dir():
+            return None
+        try:
+            return cls(ref=data["ref"], kind=data["kind"], key=data["key"], path=path,
+                       size=int(data["size"]), created=float(data["created"]), init=data["init"],
+                       base=data.get("base"))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+class ImageStore:
+    """Builds, finds, lists and removes cached images.
+
+    ``build_hook`` asks plugins to build names the store does not know itself (the
+    ``pytest_incus_build_image`` hook); ``progress`` shows long steps to the user.
+    """
+
+    def __init__(self, settings: Settings, *, build_hook: BuildHook | None = None,
+                 progress: Progress | None = None) -> None:
+        self.settings = settings
+        self._build_hook = build_hook
+        self._progress = progress or log.info
+        self._seen: dict[str, Image] = {}
+
+    # -- public API ------------------------------------------------------------------------
+
+    def get(self, image: str, kind: str = "container") -> Image:
+        """Ensure ``image`` is cached for ``kind`` and return it, building it if needed."""
+        if kind != "container":
+            raise ConfigError(f"image {image!r}: kind={kind!r} images are not supported yet; "
+                              "this version runs kind='container'")
+        ref = parse_ref(image)
+        if ref.source in ("simplestreams", "oci"):
+            raise ConfigError(f"image {image!r}: {ref.source} images are not supported yet by this "
+                              "version; use busybox, debian/<release> or a rootfs path")
+        cached = self._seen.get(ref.key)
+        if cached is not None and (cached.path / RECORD).exists():
+            return cached
+        entry = self._ensure(ref.key, lambda rootfs: self._build(ref, rootfs), ref=ref.name,
+                             kind=kind)
+        self._seen[ref.key] = entry
+        return entry
+
+    def shifted(self, image: Image, base_id: int) -> Image:
+        """A copy of ``image`` with every owner moved up by ``base_id``, for unprivileged use.
+
+        Made once per image and cached; remade when the image is rebuilt.
+        """
+        key = f"{image.key}.shift{base_id}"
+        cached = self._seen.get(key)
+        if cached is not None and cached.created >= image.created and (cached.path / RECORD).exists():
+            return cached
+
+        def make(rootfs: Path) -> str:
+            shift.copy_shifted(image.rootfs, rootfs, base_id)
+            return image.init
+
+        entry = self._ensure(key, make, ref=image.ref, kind=image.kind, base=image.key,
+                             not_older_than=image.created)
+        self._seen[key] = entry
+        return entry
+
+    def list(self) -> list[Image]:
+        """Every complete entry, uid-shifted copies included."""
+        images_dir = self.settings.images_dir
+        if not images_dir.is_dir():
+            return []
+        found = (Image.load(p) for p in sorted(images_dir.iterdir()) if p.is_dir())
+        return [image for image in found if image is not None]
+
+    def prune(self, image: str | None = None, *, in_use: set[str] | None = None) -> list[Image]:
+        """Remove every entry, or those of ``image``; entries whose key is ``in_use`` stay.
+
+        Returns the removed entries.
+        """
+        key = parse_ref(image).key if image else None
+        removed = []
+        for entry in self.list():
+            if key is not None and key not in (entry.key, entry.base):
+                continue
+            if in_use and (entry.key in in_use or entry.base in in_use):
+                continue
+            with self._lock(entry.key):
+                fsutil.remove_tree(entry.path)
+            self._seen.pop(entry.key, None)
+            removed.append(entry)
+        return removed
+
+    def builds(self) -> list[dict[str, object]]:
+        """The record of every builder run: key, ref, pid, start and end time."""
+        path = self.settings.images_dir / BUILD_LOG
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    # -- building --------------------------------------------------------------------------
+
+    def _lock(self, key: str) -> filelock.FileLock:
+        self.settings.images_dir.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(self.settings.images_dir / f"{key}.lock", timeout=LOCK_TIMEOUT)
+
+    def _ensure(self, key: str, make: Callable[[Path], str], *, ref: str, kind: str,
+                base: str | None = None, not_older_than: float = 0.0) -> Image:
+        final = self.settings.images_dir / key
+        existing = Image.load(final)
+        if existing is not None and existing.created >= not_older_than:
+            return existing
+        with self._lock(key):
+            existing = Image.load(final)
+            if existing is not None and existing.created >= not_older_than:
+                return existing  # another process built it while we waited
+            if final.exists():
+                if existing is None:
+                    log.warning("image cache entry %s is incomplete or corrupt; rebuilding", final)
+                fsutil.remove_tree(final)
+            self._remove_stale_staging(key)
+            return self._build_entry(key, make, ref=ref, kind=kind, base=base)
+
+    def _remove_stale_staging(self, key: str) -> None:
+        staging = self.settings.staging_dir
+        if staging.is_dir():
+            for leftover in staging.glob(f"{key}.*"):
+                log.warning("removing the leftover of an interrupted build: %s", leftover)
+                fsutil.remove_tree(leftover)
+
+    def _build_entry(self, key: str, make: Callable[[Path], str], *, ref: str, kind: str,
+                     base: str | None) -> Image:
+        staging = self.settings.staging_dir / f"{key}.{os.getpid()}.{next(_counter)}"
+        rootfs = staging / "rootfs"
+        rootfs.mkdir(parents=True)
+        os.chmod(self.settings.cache_dir, 0o755)  # unprivileged containers traverse it
+        os.chmod(rootfs, 0o755)
+        started = time.time()
+        if base is None:
+            self._progress(f"building image {ref} (once; later runs use the cache)")
+        try:
+            init = make(rootfs)
+            record = {"ref": ref, "kind": kind, "key": key, "init": init, "base": base,
+                      "created": time.time(), "size": fsutil.tree_size(rootfs)}
+            fsutil.write_atomic(staging / RECORD, json.dumps(record, indent=1))
+            os.chmod(staging, 0o755)
+            os.rename(staging, self.settings.images_dir / key)
+        except BaseException:
+            fsutil.remove_tree(staging)
+            raise
+        finally:
+            with open(self.settings.images_dir / BUILD_LOG, "a") as f:
+                f.write(json.dumps({"key": key, "ref": ref, "pid": os.getpid(),
+                                    "started": started, "ended": time.time()}) + "\n")
+        if base is None:
+            self._progress(f"image {ref} built in {time.time() - started:.1f}s")
+        entry = Image.load(self.settings.images_dir / key)
+        assert entry is not None
+        return entry
+
+    def _build(self, ref: ImageRef, rootfs: Path) -> str:
+        if ref.source == "busybox":
+            return busybox.build(rootfs)
+        if ref.source == "debian":
+            assert ref.release is not None
+            return debian.build(ref.release, rootfs, self.settings.mirror, self._progress)
+        if ref.source == "local":
+            assert ref.path is not None
+            local.build(ref.path, rootfs)
+            return local.detect_init(rootfs)
+        if self._build_hook is not None and self._build_hook(ref.name, rootfs):
+            return local.detect_init(rootfs)
+        raise ImageError(
+            f"no builder knows image {ref.name!r}: use busybox, debian/<release>, a rootfs path, "
+            "or implement the pytest_incus_build_image hook for it"
+        )

@@ -1,0 +1,218 @@
+"""The pytest11 entry point: options, the ``instance`` marker, hooks and fixtures."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_incus import hookspecs, registry
+from pytest_incus.errors import ConfigError
+from pytest_incus.factory import InstanceFactory, check_spec
+from pytest_incus.fixtures import image_store, instance, instance_factory, instance_target
+from pytest_incus.images.store import ImageStore
+from pytest_incus.instance import Instance
+from pytest_incus.settings import (
+    DEFAULT_EXEC_TIMEOUT,
+    DEFAULT_IMAGE,
+    DEFAULT_KIND,
+    DEFAULT_MIRROR,
+    KEEP_CHOICES,
+    Settings,
+    default_cache_dir,
+)
+from pytest_incus.spec import InstanceSpec, instance_id
+
+__all__ = ["image_store", "instance", "instance_factory", "instance_target"]
+
+SETTINGS = pytest.StashKey[Settings]()
+STORE = pytest.StashKey[ImageStore]()
+FACTORY = pytest.StashKey[InstanceFactory]()
+CONFIG_ERRORS = pytest.StashKey[list[ConfigError]]()
+ITEM_INSTANCES = pytest.StashKey[list[Instance]]()
+ITEM_FAILED = pytest.StashKey[bool]()
+
+MARKER_HELP = (
+    "instance(kind='container', image=<incus_default_image>, **options): the instance that the "
+    "`instance` fixture launches; lists for kind and image parametrize the test. Options: cpus, "
+    "memory, privileged, env, network, mounts, kernel, initrd, kernel_args, init, command, "
+    "boot_timeout, name."
+)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    """Add the pytest_incus_* hook specifications."""
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """The --incus-* options and incus_* ini keys."""
+    group = parser.getgroup("incus", "pytest-incus: real instances as fixtures")
+    group.addoption("--incus-keep", choices=KEEP_CHOICES, default=None,
+                    help="keep instances after their test: never (default), failed, always")
+    group.addoption("--incus-cache-dir", default=None,
+                    help=f"image cache and instance directory (default: ${{PYTEST_INCUS_CACHE_DIR}}"
+                         f" or {default_cache_dir()})")
+    group.addoption("--incus-mirror", default=None,
+                    help=f"Debian mirror for debian/<release> images (default {DEFAULT_MIRROR})")
+    group.addoption("--incus-skip-unavailable", action="store_true", default=None,
+                    help="skip, instead of error, tests whose kind this host cannot run")
+    parser.addini("incus_default_image", f"image when the marker names none ({DEFAULT_IMAGE})",
+                  default=DEFAULT_IMAGE)
+    parser.addini("incus_default_kind", f"kind when the marker names none ({DEFAULT_KIND})",
+                  default=DEFAULT_KIND)
+    parser.addini("incus_exec_timeout",
+                  f"default exec timeout in seconds, 0 for none ({DEFAULT_EXEC_TIMEOUT:g})",
+                  default=str(DEFAULT_EXEC_TIMEOUT))
+    parser.addini("incus_keep", "ini form of --incus-keep", default="never")
+    parser.addini("incus_cache_dir", "ini form of --incus-cache-dir", default="")
+    parser.addini("incus_mirror", "ini form of --incus-mirror", default=DEFAULT_MIRROR)
+    parser.addini("incus_skip_unavailable", "ini form of --incus-skip-unavailable", type="bool",
+                  default=False)
+
+
+def _settings(config: pytest.Config) -> Settings:
+    def option(name: str, ini: str) -> Any:
+        value = config.getoption(name)
+        return config.getini(ini) if value is None else value
+
+    cache = option("incus_cache_dir", "incus_cache_dir")
+    try:
+        timeout = float(config.getini("incus_exec_timeout"))
+    except ValueError:
+        raise ConfigError(f"incus_exec_timeout = {config.getini('incus_exec_timeout')!r} "
+                          "is not a number of seconds") from None
+    return Settings(
+        cache_dir=Path(cache).expanduser().absolute() if cache else default_cache_dir(),
+        mirror=option("incus_mirror", "incus_mirror"),
+        exec_timeout=timeout,
+        default_image=config.getini("incus_default_image"),
+        default_kind=config.getini("incus_default_kind"),
+        keep=option("incus_keep", "incus_keep"),
+        skip_unavailable=bool(option("incus_skip_unavailable", "incus_skip_unavailable")),
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the marker and set up the image store and the instance factory."""
+    config.addinivalue_line("markers", MARKER_HELP)
+    settings = _settings(config)
+    config.stash[SETTINGS] = settings
+    config.stash[CONFIG_ERRORS] = []
+    store = ImageStore(settings, progress=_progress_writer(config),
+                       build_hook=lambda ref, rootfs: config.hook.pytest_incus_build_image(
+                           config=config, ref=ref, rootfs=rootfs))
+    config.stash[STORE] = store
+    config.stash[FACTORY] = InstanceFactory(
+        settings, store,
+        on_ready=lambda inst: config.hook.pytest_incus_instance_ready(instance=inst))
+
+
+def _progress_writer(config: pytest.Config) -> Any:
+    """Show a progress line on the terminal, even with output captured or under xdist."""
+
+    def write(message: str) -> None:
+        capman = config.pluginmanager.getplugin("capturemanager")
+        reporter = config.pluginmanager.getplugin("terminalreporter")
+        with capman.global_and_fixture_disabled() if capman else _nothing():
+            line = f"pytest-incus: {message}"
+            if reporter is not None and not hasattr(config, "workerinput"):
+                reporter.write_line(line)
+            else:  # an xdist worker: its stderr is the terminal's
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+
+    return write
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Reap what killed runs left (only instances whose owning process is gone)."""
+    registry.reap(session.config.stash[SETTINGS])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Last resort after an interrupted session: delete what is still ours."""
+    factory = config.stash.get(FACTORY, None)
+    if factory is not None:
+        factory.close()
+
+
+def marker_targets(node: pytest.Item | pytest.Function | Any, settings: Settings) -> tuple[
+        list[tuple[str, str]], dict[str, Any], bool]:
+    """(kind, image) pairs of the closest ``instance`` marker, its options, and whether it
+    asks for parametrization (a list for kind or image)."""
+    marker = node.get_closest_marker("instance")
+    if marker is None:
+        return [(settings.default_kind, settings.default_image)], {}, False
+    if marker.args:
+        raise ConfigError(f"{node.nodeid}: the instance marker takes keyword arguments only, "
+                          f"got positional {marker.args!r}; write kind=..., image=...")
+    options = dict(marker.kwargs)
+    kinds = options.pop("kind", settings.default_kind)
+    images = options.pop("image", settings.default_image)
+    many = isinstance(kinds, (list, tuple)) or isinstance(images, (list, tuple))
+    kinds = list(kinds) if isinstance(kinds, (list, tuple)) else [kinds]
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    return [(k, i) for k in kinds for i in images], options, many
+
+
+def spec_for(node: Any, settings: Settings, target: tuple[str, str] | None) -> InstanceSpec:
+    """The checked spec of the instance that ``node``'s marker asks for."""
+    pairs, options, _ = marker_targets(node, settings)
+    kind, image = target or pairs[0]
+    spec = InstanceSpec.parse(kind, image, options, where=node.nodeid)
+    check_spec(spec, where=node.nodeid)
+    return spec
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Check every marker at collection; parametrize over lists of kinds and images."""
+    settings = metafunc.config.stash[SETTINGS]
+    node = metafunc.definition
+    try:
+        pairs, options, many = marker_targets(node, settings)
+        for pair in pairs:
+            spec_for(node, settings, pair)
+    except ConfigError as exc:
+        metafunc.config.stash[CONFIG_ERRORS].append(exc)
+        return
+    if many and "instance_target" in metafunc.fixturenames:
+        metafunc.parametrize("instance_target", pairs, ids=[instance_id(k, i) for k, i in pairs])
+
+
+def pytest_collection_modifyitems(config: pytest.Config) -> None:
+    """Stop the run on the first bad marker, with its one-line reason."""
+    errors = config.stash[CONFIG_ERRORS]
+    if errors:
+        raise errors[0]
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[
+        None, pytest.TestReport, pytest.TestReport]:
+    """Note failures (for --incus-keep=failed) and say how to enter kept instances."""
+    report = yield
+    if report.failed:
+        item.stash[ITEM_FAILED] = True
+        settings = item.config.stash[SETTINGS]
+        if settings.keep in ("failed", "always"):
+            for inst in item.stash.get(ITEM_INSTANCES, []):
+                report.sections.append(("pytest-incus", shell_hint(inst, settings)))
+    return report
+
+
+def shell_hint(inst: Instance, settings: Settings) -> str:
+    """The line that tells how to get a shell in a kept instance."""
+    cache = "" if settings.cache_dir == default_cache_dir() else f"--cache-dir {settings.cache_dir} "
+    return f"instance {inst.name} is kept: pytest-incus {cache}shell {inst.name}"

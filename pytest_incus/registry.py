@@ -1,0 +1,147 @@
+"""The instances this tool created, found on disk, and the reaping of those a dead run left.
+
+Every instance has a directory ``<cache>/instances/<name>/`` whose ``instance.json`` names its
+kind, image and owner (pid and start time of the launching process). The record is written
+before anything else of the instance exists, so whatever a killed run leaves can be found.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import filelock
+
+from pytest_incus import fsutil
+from pytest_incus.ownership import Owner
+from pytest_incus.runtimes import cgroups, get_runtime
+from pytest_incus.settings import Settings
+
+log = logging.getLogger("pytest_incus")
+
+RECORD = "instance.json"
+ORPHAN_AGE = 60.0  # a directory with no record, older than this, was left by a killed launch
+
+
+@dataclass(frozen=True)
+class Record:
+    """What ``instance.json`` says of one instance."""
+
+    name: str
+    kind: str
+    image: str
+    owner: Owner | None
+    created: float
+    kept: bool
+    directory: Path
+
+    @property
+    def orphaned(self) -> bool:
+        """True if its owning process is gone and nobody asked to keep it."""
+        return not self.kept and (self.owner is None or not self.owner.alive())
+
+
+def write_record(directory: Path, *, kind: str, image: str, owner: Owner, kept: bool = False) -> None:
+    """Write (or rewrite) the record of the instance in ``directory``."""
+    data = {"name": directory.name, "kind": kind, "image": image, "owner": owner.to_dict(),
+            "created": time.time(), "kept": kept}
+    fsutil.write_atomic(directory / RECORD, json.dumps(data))
+
+
+def mark_kept(directory: Path) -> None:
+    """Record that the instance is kept after its run (``--incus-keep``): never reaped."""
+    data = fsutil.read_json(directory / RECORD)
+    if isinstance(data, dict):
+        data["kept"] = True
+        fsutil.write_atomic(directory / RECORD, json.dumps(data))
+
+
+def read_record(directory: Path) -> Record | None:
+    """The record in ``directory``, or None if it has none (yet)."""
+    data = fsutil.read_json(directory / RECORD)
+    if not isinstance(data, dict):
+        return None
+    return Record(name=directory.name, kind=str(data.get("kind", "container")),
+                  image=str(data.get("image", "?")), owner=Owner.from_dict(data.get("owner")),
+                  created=float(data.get("created", 0)), kept=bool(data.get("kept")),
+                  directory=directory)
+
+
+def records(settings: Settings) -> list[Record]:
+    """Every instance with a record, in creation order."""
+    base = settings.instances_dir
+    if not base.is_dir():
+        return []
+    found = [read_record(d) for d in base.iterdir() if d.is_dir()]
+    return sorted((r for r in found if r is not None), key=lambda r: r.created)
+
+
+def _reap_lock(settings: Settings) -> filelock.FileLock:
+    settings.instances_dir.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(settings.instances_dir / ".reap.lock", timeout=120)
+
+
+def remove_instance(settings: Settings, name: str, kind: str) -> None:
+    """Remove all of instance ``name``: its processes, cgroups, mounts and directory."""
+    directory = settings.instances_dir / name
+    try:
+        get_runtime(kind).reap(name, directory)
+    finally:
+        fsutil.remove_tree(directory)
+
+
+def reap(settings: Settings, *, include_kept: bool = False, names: list[str] | None = None) -> list[str]:
+    """Remove the instances whose owning process is gone; returns their names.
+
+    Instances of live processes (this run, other xdist workers, nested pytest runs) are never
+    touched. Kept instances stay unless ``include_kept``.
+    """
+    base = settings.instances_dir
+    if not base.is_dir():
+        return []
+    removed = []
+    with _reap_lock(settings):
+        for directory in sorted(base.iterdir()):
+            if not directory.is_dir() or (names is not None and directory.name not in names):
+                continue
+            record = read_record(directory)
+            if record is None:
+                if time.time() - directory.stat().st_mtime < ORPHAN_AGE:
+                    continue  # a launch that is writing its record right now
+                kind = "container"
+            else:
+                if not (record.orphaned or (include_kept and record.kept and not
+                                            (record.owner and record.owner.alive()))):
+                    continue
+                kind = record.kind
+            log.info("reaping instance %s left by a process that is gone", directory.name)
+            remove_instance(settings, directory.name, kind)
+            removed.append(directory.name)
+    return removed
+
+
+def leftovers(settings: Settings, name: str) -> list[str]:
+    """What still exists of instance ``name`` on this host, described; empty when all gone.
+
+    Looks for its directory, mounts below it, LXC monitor or other processes naming it,
+    and cgroups in every hierarchy.
+    """
+    found = []
+    directory = settings.instances_dir / name
+    if directory.exists():
+        found.append(f"directory {directory}")
+    found += [f"mount {m}" for m in fsutil.mounts_below(directory)] if directory.exists() else []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if str(directory).encode() in cmdline and b"lxc" in cmdline:
+                found.append(f"process {entry}: {cmdline.decode(errors='replace').strip()}")
+    found += [f"cgroup {p}" for p in cgroups.leftovers(name, [])]
+    return found

@@ -1,0 +1,369 @@
+"""System containers on liblxc, through the ``lxc`` Python bindings.
+
+Each instance is an overlayfs clone of a cached image: the image's rootfs (uid-shifted for
+unprivileged containers) is the lower layer, ``<instance>/upper`` takes the writes. We write
+the LXC config file ourselves and read the rootfs setting back before starting, and a mount hook
+proves, before init runs, that the rootfs about to become ``/`` is that overlay (HOST hazard: a
+container without a rootfs boots on the host's ``/``).
+
+Commands and file operations run in a child that liblxc attach forks into the container's
+namespaces (see ``inside.py``), so paths always resolve inside the container.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from pytest_incus import fsutil
+from pytest_incus.errors import (
+    ConfigError,
+    ExecTimeoutError,
+    IncusError,
+    InstanceStartError,
+    tail,
+)
+from pytest_incus.images.store import Image, ImageStore
+from pytest_incus.runtimes import cgroups, inside, process
+from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, Stat
+from pytest_incus.spec import InstanceSpec
+
+log = logging.getLogger("pytest_incus")
+
+ID_BASE = 1_000_000  # host uid/gid of root inside an unprivileged container
+ID_COUNT = 65_536
+READY_POLL = 0.02
+STOP_GRACE = 5  # seconds (liblxc takes an int)
+
+_HALT_SIGNALS = {"systemd": "SIGRTMIN+3", "busybox": "SIGUSR2"}
+
+
+def _lxc() -> Any:
+    import lxc  # imported late: a host without liblxc can still collect and run other kinds
+
+    return lxc
+
+
+def _subid_ok(path: str) -> bool:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        parts = line.split(":")
+        if len(parts) == 3 and parts[0] in ("root", "0"):
+            start, count = int(parts[1]), int(parts[2])
+            if start <= ID_BASE and ID_BASE + ID_COUNT <= start + count:
+                return True
+    return False
+
+
+def unprivileged_unavailable() -> str | None:
+    """Why unprivileged containers cannot start here, or None."""
+    missing = [p for p in ("/etc/subuid", "/etc/subgid") if not _subid_ok(p)]
+    if missing:
+        return (f"{' and '.join(missing)} give root no range covering {ID_BASE}-"
+                f"{ID_BASE + ID_COUNT - 1}, needed for unprivileged containers; run: usermod "
+                f"--add-subuids {ID_BASE}-{ID_BASE + ID_COUNT - 1} --add-subgids "
+                f"{ID_BASE}-{ID_BASE + ID_COUNT - 1} root (or use privileged=True)")
+    if not Path("/usr/bin/newuidmap").exists():
+        return "newuidmap is missing, needed for unprivileged containers: apt-get install uidmap"
+    return None
+
+
+def _hook_path(cache_dir: Path) -> Path:
+    """The rootfs check hook, copied into the cache: an unprivileged container's hook runs as
+    its root (a high uid on the host), which may not reach the installed package."""
+    source = importlib.resources.files("pytest_incus") / "hooks" / "verify-rootfs"
+    data = source.read_bytes()
+    dest = cache_dir / "hooks" / "verify-rootfs"
+    if not dest.exists() or dest.read_bytes() != data:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(dest.parent, 0o755)
+        fsutil.write_atomic(dest, data, mode=0o755)
+    return dest
+
+
+class ContainerRuntime:
+    """Makes system containers."""
+
+    kind = "container"
+
+    def check(self, spec: InstanceSpec) -> None:
+        """Reject what containers cannot do yet."""
+        if spec.network != "none":
+            raise ConfigError(f"network={spec.network!r} is not supported yet for containers; "
+                              "only network='none' (no network) works in this version")
+        if spec.cpus is not None and spec.cpus > (os.cpu_count() or 1):
+            raise ConfigError(f"cpus={spec.cpus} but this host has only {os.cpu_count()} CPUs")
+
+    def unavailable(self) -> str | None:
+        """Why this host cannot run containers, or None."""
+        if os.geteuid() != 0:
+            return "system containers need root; run pytest as root"
+        try:
+            _lxc()
+        except ImportError:
+            return ("the lxc Python bindings are missing: apt-get install lxc lxc-dev pkg-config,"
+                    " then pip install lxc")
+        return None
+
+    def create(self, spec: InstanceSpec, name: str, directory: Path,
+               images: ImageStore) -> Container:
+        """Prepare the overlay and LXC config of a new container."""
+        if not spec.privileged and (reason := unprivileged_unavailable()):
+            raise InstanceStartError(reason)
+        image = images.get(spec.image, "container")
+        lower = image if spec.privileged else images.shifted(image, ID_BASE)
+        return Container(spec, name, directory, lower, _hook_path(images.settings.cache_dir))
+
+    def reap(self, name: str, directory: Path) -> None:
+        """Kill what is left of container ``name`` and remove its cgroups."""
+        Container.teardown(name, directory)
+
+
+class Container:
+    """One system container."""
+
+    def __init__(self, spec: InstanceSpec, name: str, directory: Path, image: Image,
+                 hook: Path) -> None:
+        self.spec = spec
+        self.name = name
+        self.directory = directory
+        self.image = image
+        self._write_config(hook)
+        lxc = _lxc()
+        self._c = lxc.Container(name, str(directory.parent))
+        expected = f"overlay:{image.rootfs}:{directory / 'upper'}"
+        got = self._c.get_config_item("lxc.rootfs.path")
+        if got not in (expected, expected.removeprefix("overlay:")):
+            raise InstanceStartError(f"{name}: LXC read rootfs {got!r} from the config, expected "
+                                     f"{expected!r}; refusing to start")
+
+    # -- configuration -------------------------------------------------------------------
+
+    def _write_config(self, hook: Path) -> None:
+        d = self.directory
+        spec = self.spec
+        for sub in ("upper", "work"):
+            (d / sub).mkdir(exist_ok=True)
+            if not spec.privileged:
+                os.chown(d / sub, ID_BASE, ID_BASE)
+        os.chmod(d, 0o755)
+        os.chmod(d.parent, 0o755)
+        rootfs = f"{self.image.rootfs}:{d / 'upper'}"
+        host_root = os.stat("/")
+        lines = [
+            f"lxc.uts.name = {self.name}",
+            f"lxc.rootfs.path = overlay:{rootfs}",
+            "lxc.net.0.type = empty",
+            "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed",
+            "lxc.autodev = 1",
+            "lxc.tty.max = 0",
+            "lxc.pty.max = 16",
+            f"lxc.console.logfile = {d / 'console.log'}",
+            f"lxc.log.file = {d / 'lxc.log'}",
+            "lxc.log.level = ERROR",
+            "lxc.apparmor.profile = unconfined",
+            f"lxc.signal.halt = {_HALT_SIGNALS.get(self.image.init, 'SIGPWR')}",
+            "lxc.hook.version = 1",
+            f"lxc.hook.mount = {hook}",
+            f"lxc.environment = PTI_HOST_ROOT={host_root.st_dev}:{host_root.st_ino}",
+            f"lxc.environment = PTI_EXPECT_ROOTFS={rootfs}",
+            f"lxc.environment = PTI_EXPECT_UPPER={d / 'upper'}",
+        ]
+        if not spec.privileged:
+            lines += [f"lxc.idmap = u 0 {ID_BASE} {ID_COUNT}", f"lxc.idmap = g 0 {ID_BASE} {ID_COUNT}"]
+        if spec.cpus is not None:
+            key = cgroups.config_key("cpuset", "cpuset.cpus", "cpuset.cpus")
+            if key is None:
+                raise InstanceStartError(f"cpus={spec.cpus}: this host has no cpuset cgroup")
+            lines.append(f"{key} = 0-{spec.cpus - 1}")
+        if spec.memory is not None:
+            key = cgroups.config_key("memory", "memory.limit_in_bytes", "memory.max")
+            if key is None:
+                raise InstanceStartError("memory=: this host has no memory cgroup")
+            lines.append(f"{key} = {spec.memory}")
+        for host_path, inner in spec.mounts.items():
+            kind = "dir" if Path(host_path).is_dir() else "file"
+            lines.append(f"lxc.mount.entry = {Path(host_path).resolve()} {inner.lstrip('/')} none "
+                         f"bind,ro,create={kind} 0 0")
+        fsutil.write_atomic(d / "config", "\n".join(lines) + "\n")
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start, then wait until init has finished booting."""
+        deadline = time.monotonic() + self.spec.boot_timeout
+        # close_fds: a monitor that inherits our fds lingers for seconds after the container stops
+        if not self._c.start(close_fds=True):
+            raise self._start_error("liblxc could not start the container")
+        self._record_cgroups()
+        if self.image.init == "systemd":
+            self._wait_systemd(deadline)
+
+    def _record_cgroups(self) -> None:
+        parents = cgroups.parents_of(self._c.init_pid)
+        fsutil.write_atomic(self.directory / "cgroups.json", json.dumps(parents))
+
+    def _wait_systemd(self, deadline: float) -> None:
+        request = ExecRequest(("systemctl", "is-system-running", "--wait"), {}, None, None,
+                              None, 10.0)
+        last = ""
+        while time.monotonic() < deadline:
+            if not self._c.running:
+                raise self._start_error("the container stopped while booting")
+            try:
+                result = self.exec(request)
+            except ExecTimeoutError:
+                continue
+            last = (result.stdout + result.stderr).strip()
+            if result.stdout.strip() in ("running", "degraded"):
+                return
+            if result.stdout.strip() in ("stopping", "offline"):
+                break
+            time.sleep(READY_POLL)
+        raise self._start_error(f"systemd did not finish booting within {self.spec.boot_timeout}s "
+                                f"(is-system-running said {last!r}); raise boot_timeout or "
+                                "look at the console log below")
+
+    def _start_error(self, what: str) -> InstanceStartError:
+        error = InstanceStartError(f"container {self.name} (image {self.spec.image}): {what}")
+        lxc_log = tail(_read(self.directory / "lxc.log"))
+        if lxc_log:
+            error.add_note("liblxc log:\n" + lxc_log)
+        console = tail(self.logs())
+        if console:
+            error.add_note("console log:\n" + console)
+        return error
+
+    def running(self) -> bool:
+        """True while the container runs."""
+        return bool(self._c.running)
+
+    def stop(self, timeout: float, force: bool) -> None:
+        """Shut down cleanly (the init's halt signal) within ``timeout``, then kill."""
+        if self._c.running:
+            if force or not self._c.shutdown(max(1, round(timeout))):
+                self._c.stop()
+            self._c.wait("STOPPED", STOP_GRACE)
+        cgroups.remove(self.name, _recorded_cgroups(self.directory))
+
+    def destroy(self) -> None:
+        """Kill the container and remove its cgroups (the directory goes with the caller)."""
+        self.teardown(self.name, self.directory)
+
+    @staticmethod
+    def teardown(name: str, directory: Path) -> None:
+        """Kill container ``name`` (whoever started it) and remove its cgroups."""
+        lxc = _lxc()
+        if (directory / "config").exists():
+            c = lxc.Container(name, str(directory.parent))
+            if c.running:
+                c.stop()
+                c.wait("STOPPED", STOP_GRACE)
+        leftover = cgroups.remove(name, _recorded_cgroups(directory))
+        if leftover:
+            log.warning("cgroups of container %s could not be removed: %s", name, leftover)
+
+    def logs(self) -> str:
+        """The console log."""
+        return _read(self.directory / "console.log")
+
+    # -- running things inside -----------------------------------------------------------
+
+    def _attach(self, fn: Any, payload: Any, request_input: bytes | None,
+                timeout: float | None, what: str) -> process.Outcome:
+        lxc = _lxc()
+        with process.Pipes() as pipes:
+            pid = self._c.attach(
+                fn, (*payload, pipes.status_w),
+                env_policy=lxc.LXC_ATTACH_CLEAR_ENV,
+                stdin=pipes.stdin_r, stdout=pipes.stdout_w, stderr=pipes.stderr_w,
+            )
+            if pid < 0:
+                raise IncusError(f"container {self.name}: liblxc could not attach to run {what}; "
+                                 "is the container running?")
+            return pipes.communicate(pid, request_input, timeout)
+
+    def exec(self, request: ExecRequest) -> ExecResult:
+        """Run a command inside (see ``inside.run_command``)."""
+        started = time.monotonic()
+        payload = (list(request.argv), dict(request.env), request.cwd, request.user)
+        outcome = self._attach(inside.run_command, payload, request.input, request.timeout,
+                               repr(list(request.argv)))
+        duration = time.monotonic() - started
+        if outcome.status:
+            raise IncusError(f"container {self.name}: cannot run {list(request.argv)!r}: "
+                             f"{outcome.status['message']}")
+        if outcome.timed_out:
+            raise ExecTimeoutError(
+                f"{list(request.argv)!r} in {self.name} ran past its timeout of "
+                f"{request.timeout}s and was killed with its descendants; raise timeout= "
+                "(or incus_exec_timeout) if it needs longer",
+                cmd=list(request.argv), exit_code=outcome.exit_code, stdout_bytes=outcome.stdout,
+                stderr_bytes=outcome.stderr, duration=duration,
+            )
+        return ExecResult(outcome.exit_code, outcome.stdout, outcome.stderr, duration)
+
+    def _operation(self, name: str, *args: Any, data: bytes | None = None) -> bytes:
+        outcome = self._attach(inside.run_operation, (name, args), data, None, name)
+        if outcome.status:
+            status = outcome.status
+            if status["kind"] == "os":
+                raise OSError(status["errno"], status["message"], str(args[0]))
+            raise IncusError(f"container {self.name}: {name} {args[0]!r} failed: "
+                             f"{status['message']}")
+        if outcome.exit_code != 0:
+            raise IncusError(f"container {self.name}: {name} {args[0]!r} failed with exit code "
+                             f"{outcome.exit_code}: {outcome.stderr.decode(errors='replace')}")
+        return outcome.stdout
+
+    def read_file(self, path: str) -> bytes:
+        """The content of ``path`` inside."""
+        return self._operation("read", path)
+
+    def write_file(self, path: str, data: bytes, mode: int) -> None:
+        """Create or replace ``path`` inside."""
+        self._operation("write", path, mode, data=data)
+
+    def stat(self, path: str) -> tuple[Stat, Stat] | None:
+        """(lstat, stat) of ``path`` inside, or None."""
+        try:
+            raw = json.loads(self._operation("stat", path))
+        except FileNotFoundError:
+            return None
+        lst = Stat(is_symlink=stat.S_ISLNK(raw["lstat"]["mode"]), **raw["lstat"])
+        st = lst if raw["stat"] is None else Stat(is_symlink=False, **raw["stat"])
+        return lst, st
+
+    def sha256(self, path: str) -> str:
+        """The sha256 of the file at ``path`` inside."""
+        return self._operation("sha256", path).decode()
+
+    def put_archive(self, archive: bytes, dest: str, is_tree: bool) -> None:
+        """Unpack ``archive`` at ``dest`` inside (see ``inside.op_put``)."""
+        self._operation("put", dest, is_tree, data=archive)
+
+    def get_archive(self, path: str) -> bytes:
+        """A tar of ``path`` inside (see ``inside.op_get``)."""
+        return self._operation("get", path)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _recorded_cgroups(directory: Path) -> list[str]:
+    recorded = fsutil.read_json(directory / "cgroups.json")
+    return recorded if isinstance(recorded, list) else []
+

@@ -1,0 +1,159 @@
+"""The interface every kind of instance implements, and the values it exchanges.
+
+A ``Runtime`` knows one kind (container, app, vm): it checks specs, says whether this host can
+run the kind, and makes ``Machine`` objects. A ``Machine`` is one instance's engine; the public
+``Instance`` wraps it and implements everything kind-independent (push/pull semantics, ``file()``,
+``check=True``), so fixtures and ``Instance`` never branch on kind.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pytest_incus.images.store import ImageStore
+from pytest_incus.spec import InstanceSpec
+
+
+class InstanceState(enum.Enum):
+    """Where an instance is in its life."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What a command did: its exit code, output and duration (seconds)."""
+
+    exit_code: int
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+    duration: float
+
+    @property
+    def stdout(self) -> str:
+        """Standard output, decoded as UTF-8 with errors replaced."""
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        """Standard error, decoded as UTF-8 with errors replaced."""
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+    @property
+    def ok(self) -> bool:
+        """True when the exit code is 0."""
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class Stat:
+    """What ``stat`` says of a path inside an instance, ids as the instance sees them."""
+
+    mode: int  # full st_mode
+    uid: int
+    gid: int
+    size: int
+    is_symlink: bool  # of the path itself, not followed
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    """One command to run inside an instance, fully resolved by ``Instance.exec``."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: str | None
+    user: str | int | None
+    input: bytes | None
+    timeout: float | None  # seconds; None for no limit
+
+
+class Machine(Protocol):
+    """One instance's engine, as a runtime makes it."""
+
+    name: str
+    directory: Path
+
+    def start(self) -> None:
+        """Boot and return once ready (init finished booting and exec works)."""
+        ...
+
+    def stop(self, timeout: float, force: bool) -> None:
+        """Shut down cleanly within ``timeout`` seconds (then kill), or kill at once."""
+        ...
+
+    def destroy(self) -> None:
+        """Stop if running and remove everything the instance had; idempotent."""
+        ...
+
+    def running(self) -> bool:
+        """True while the instance runs."""
+        ...
+
+    def exec(self, request: ExecRequest) -> ExecResult:
+        """Run a command; raises ExecTimeoutError after killing it past its timeout."""
+        ...
+
+    def read_file(self, path: str) -> bytes:
+        """The content of ``path`` (symlinks followed inside the instance)."""
+        ...
+
+    def write_file(self, path: str, data: bytes, mode: int) -> None:
+        """Create or replace ``path`` (parents created), owned by root inside."""
+        ...
+
+    def stat(self, path: str) -> tuple[Stat, Stat] | None:
+        """(lstat, stat) of ``path``; stat is the lstat again for a dangling link; None if
+        ``path`` does not exist."""
+        ...
+
+    def sha256(self, path: str) -> str:
+        """The hex sha256 of the file at ``path``."""
+        ...
+
+    def put_archive(self, archive: bytes, dest: str, is_tree: bool) -> None:
+        """Unpack a tar archive made by ``Instance.push``: a tree (members under ``.``) into
+        directory ``dest``, created or merged; or its one member as ``dest`` (into ``dest`` if
+        that is a directory). Missing parents are created."""
+        ...
+
+    def get_archive(self, path: str) -> bytes:
+        """A tar archive of ``path``: a directory as ``.`` with its contents, anything else as
+        one member named after it."""
+        ...
+
+    def logs(self) -> str:
+        """The console log."""
+        ...
+
+
+class Runtime(Protocol):
+    """Makes instances of one kind."""
+
+    kind: str
+
+    def check(self, spec: InstanceSpec) -> None:
+        """Raise ConfigError for a spec this kind can never honour (checked at collection)."""
+        ...
+
+    def unavailable(self) -> str | None:
+        """None if this host can run the kind, else why not and what to do."""
+        ...
+
+    def create(self, spec: InstanceSpec, name: str, directory: Path,
+               images: ImageStore) -> Machine:
+        """Prepare an instance in ``directory`` (which exists); ``start()`` boots it."""
+        ...
+
+    def reap(self, name: str, directory: Path) -> None:
+        """Remove what a dead run left of instance ``name``: processes, mounts, cgroups.
+
+        The instance directory itself is removed by the caller afterwards."""
+        ...

@@ -1,0 +1,63 @@
+"""Where things live and the run-wide defaults, from pytest's config, the environment or the CLI."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pytest_incus.errors import ConfigError
+
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_IMAGE = "debian/12"
+DEFAULT_KIND = "container"
+DEFAULT_EXEC_TIMEOUT = 600.0
+KEEP_CHOICES = ("never", "failed", "always")
+CACHE_ENV = "PYTEST_INCUS_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """The cache directory when none is configured: env, then the per-user default."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    if os.geteuid() == 0:
+        return Path("/var/cache/pytest-incus")
+    return Path.home() / ".cache" / "pytest-incus"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Run-wide settings shared by the image store, the runtimes and the CLI."""
+
+    cache_dir: Path
+    mirror: str = DEFAULT_MIRROR
+    exec_timeout: float = DEFAULT_EXEC_TIMEOUT
+    default_image: str = DEFAULT_IMAGE
+    default_kind: str = DEFAULT_KIND
+    keep: str = "never"
+    skip_unavailable: bool = False
+
+    def __post_init__(self) -> None:
+        path = str(self.cache_dir)
+        if not self.cache_dir.is_absolute() or any(c in path for c in " :\n\t,"):
+            raise ConfigError(
+                f"cache directory {path!r} must be an absolute path without spaces, ':' or ','"
+                " (LXC configuration cannot express them); choose another --incus-cache-dir"
+            )
+        if self.keep not in KEEP_CHOICES:
+            raise ConfigError(f"--incus-keep={self.keep!r}; use one of {', '.join(KEEP_CHOICES)}")
+
+    @property
+    def images_dir(self) -> Path:
+        """Complete image entries, one directory each."""
+        return self.cache_dir / "images"
+
+    @property
+    def instances_dir(self) -> Path:
+        """One directory per instance; for containers it is also LXC's lxcpath."""
+        return self.cache_dir / "instances"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Builds in progress, renamed into ``images_dir`` when complete."""
+        return self.cache_dir / "staging"

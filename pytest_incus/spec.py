@@ -1,0 +1,142 @@
+"""What an instance should be: the options of the marker and of ``launch()``, checked.
+
+``InstanceSpec.parse`` is the one place that validates options; the marker (at collection) and
+``instance_factory.launch()`` both go through it, so they reject the same mistakes the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_incus.errors import ConfigError
+
+KINDS = ("container", "app", "vm")
+NETWORKS = ("none", "bridged")
+VM_INITS = ("systemd", "agent")
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{0,62}$")
+
+# option -> (accepted types, kinds it applies to, human description)
+_OPTIONS: dict[str, tuple[tuple[type, ...], tuple[str, ...], str]] = {
+    "cpus": ((int,), KINDS, "a positive int"),
+    "memory": ((str, int), KINDS, 'a size such as "512MiB" or "1GiB"'),
+    "privileged": ((bool,), ("container", "app"), "a bool"),
+    "env": ((dict,), KINDS, "a dict of str to str"),
+    "network": ((str,), KINDS, '"none" or "bridged"'),
+    "mounts": ((dict,), ("container", "app"), "a dict of host path to instance path"),
+    "kernel": ((str, Path), ("vm",), "a path to a kernel image"),
+    "initrd": ((str, Path), ("vm",), "a path to an initrd"),
+    "kernel_args": ((str,), ("vm",), "a str"),
+    "init": ((str,), ("vm",), '"systemd" or "agent"'),
+    "command": ((list, tuple), ("app",), "a list of str"),
+    "boot_timeout": ((int, float), KINDS, "a number of seconds"),
+    "name": ((str,), KINDS, "a name of letters, digits and '-', starting with a letter"),
+}
+
+
+def parse_memory(value: str | int) -> int:
+    """Bytes for ``"512MiB"``, ``"1GiB"``, ``"1.5G"`` or a plain int; ValueError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(value)
+        return value
+    m = _MEMORY.match(str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(value)
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise ValueError(value)
+    return size
+
+
+def instance_id(kind: str, image: str) -> str:
+    """The parametrization id of a kind/image pair: ``vm-debian-12``."""
+    return f"{kind}-{image}".replace("/", "-").replace(":", "-")
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """A checked description of one instance to launch."""
+
+    kind: str
+    image: str
+    cpus: int | None = None
+    memory: int | None = None  # bytes
+    privileged: bool = False
+    env: Mapping[str, str] = field(default_factory=dict)
+    network: str = "none"
+    mounts: Mapping[str, str] = field(default_factory=dict)
+    kernel: str | None = None
+    initrd: str | None = None
+    kernel_args: str = ""
+    init: str = "systemd"
+    command: tuple[str, ...] | None = None
+    boot_timeout: float = 60.0
+    name: str | None = None
+
+    @classmethod
+    def parse(cls, kind: Any, image: Any, options: Mapping[str, Any], *, where: str) -> InstanceSpec:
+        """Check ``options`` for ``kind``/``image`` and build the spec.
+
+        ``where`` names the test or call, so the error can point at it.
+        Raises ConfigError naming the option and what it should be.
+        """
+
+        def bad(message: str) -> ConfigError:
+            return ConfigError(f"{where}: {message}")
+
+        if kind not in KINDS:
+            raise bad(f"unknown kind {kind!r}; use one of {', '.join(map(repr, KINDS))}")
+        if not isinstance(image, str) or not image:
+            raise bad(f"image must be a non-empty str, got {image!r}")
+        values: dict[str, Any] = {}
+        for key, value in options.items():
+            if key not in _OPTIONS:
+                raise bad(f"unknown option {key}={value!r}; known options: {', '.join(_OPTIONS)}")
+            types, kinds, description = _OPTIONS[key]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise bad(f"option {key}={value!r} has the wrong type; it must be {description}")
+            if kind not in kinds:
+                raise bad(f"option {key}= does not apply to kind={kind!r} (only to {', '.join(kinds)})")
+            values[key] = value
+        if "cpus" in values and values["cpus"] < 1:
+            raise bad(f"option cpus={values['cpus']!r} must be at least 1")
+        if "memory" in values:
+            try:
+                values["memory"] = parse_memory(values["memory"])
+            except ValueError:
+                raise bad(f"option memory={values['memory']!r} is not a size; "
+                          'write it like "512MiB" or "1GiB"') from None
+        for key in ("env", "mounts"):
+            if key in values and not all(isinstance(k, str) and isinstance(v, str)
+                                         for k, v in values[key].items()):
+                raise bad(f"option {key}= must map str to str, got {values[key]!r}")
+        if "mounts" in values:
+            for host, inside in values["mounts"].items():
+                if not inside.startswith("/"):
+                    raise bad(f"mounts: instance path {inside!r} must be absolute")
+                if not Path(host).exists():
+                    raise bad(f"mounts: host path {host!r} does not exist")
+        if values.get("network", "none") not in NETWORKS:
+            raise bad(f"option network={values['network']!r}; use one of {NETWORKS}")
+        if values.get("init", "systemd") not in VM_INITS:
+            raise bad(f"option init={values['init']!r}; use one of {VM_INITS}")
+        if "command" in values:
+            if not values["command"] or not all(isinstance(a, str) for a in values["command"]):
+                raise bad(f"option command={values['command']!r} must be a non-empty list of str")
+            values["command"] = tuple(values["command"])
+        if "boot_timeout" in values and values["boot_timeout"] <= 0:
+            raise bad(f"option boot_timeout={values['boot_timeout']!r} must be positive")
+        if "name" in values and not _NAME.match(values["name"]):
+            raise bad(f"option name={values['name']!r}: {_OPTIONS['name'][2]}, at most 63 long")
+        for key in ("kernel", "initrd"):
+            if key in values:
+                values[key] = str(values[key])
+        return cls(kind=kind, image=image, **values)
