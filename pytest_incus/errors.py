@@ -30,7 +30,7 @@ class IncusError(Exception):
         self.exc = exc
 
 
-class ConfigError(IncusError, pytest.UsageError):
+class ConfigError(IncusError, pytest.UsageError):  # type: ignore[misc]
     """A marker, command line option or ``launch()`` argument that cannot work."""
 
 

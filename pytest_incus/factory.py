@@ -39,8 +39,13 @@ class InstanceFactory:
     ``instance`` marker.
     """
 
-    def __init__(self, settings: Settings, images: ImageStore, *,
-                 on_ready: Callable[[Instance], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        images: ImageStore,
+        *,
+        on_ready: Callable[[Instance], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.images = images
         self._on_ready = on_ready
@@ -49,8 +54,12 @@ class InstanceFactory:
 
     def launch(self, kind: str | None = None, image: str | None = None, **options: Any) -> Instance:
         """Launch an instance and return it once ready (see the ``instance`` marker's options)."""
-        spec = InstanceSpec.parse(kind or self.settings.default_kind,
-                                  image or self.settings.default_image, options, where="launch()")
+        spec = InstanceSpec.parse(
+            kind or self.settings.default_kind,
+            image or self.settings.default_image,
+            options,
+            where="launch()",
+        )
         check_spec(spec, where="launch()")
         return self.launch_spec(spec)
 
@@ -66,8 +75,10 @@ class InstanceFactory:
         try:
             directory.mkdir()
         except FileExistsError:
-            raise ConfigError(f"an instance named {name!r} already exists ({directory}); choose "
-                              "another name, or remove it with: pytest-incus rm " + name) from None
+            raise ConfigError(
+                f"an instance named {name!r} already exists ({directory}); choose "
+                "another name, or remove it with: pytest-incus rm " + name
+            ) from None
         registry.write_record(directory, kind=spec.kind, image=spec.image, owner=self._owner)
         try:
             machine = runtime.create(spec, name, directory, self.images)
@@ -75,8 +86,9 @@ class InstanceFactory:
         except BaseException:
             registry.remove_instance(self.settings, name, spec.kind)
             raise
-        instance = Instance(machine, spec, exec_timeout=self.settings.exec_timeout,
-                            on_delete=self._delete)
+        instance = Instance(
+            machine, spec, exec_timeout=self.settings.exec_timeout, on_delete=self._delete
+        )
         self._live[name] = instance
         if self._on_ready is not None:
             try:
@@ -108,5 +120,6 @@ class InstanceFactory:
             except (IncusError, OSError) as exc:
                 errors.append(f"{instance.name}: {exc}")
         if errors:
-            raise IncusError("could not delete every instance: " + "; ".join(errors)
-                             + "; run pytest-incus reap")
+            raise IncusError(
+                "could not delete every instance: " + "; ".join(errors) + "; run pytest-incus reap"
+            )

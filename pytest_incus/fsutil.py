@@ -49,8 +49,9 @@ def remove_tree(path: Path) -> None:
     if not path.exists() and not path.is_symlink():
         return
     unmount_below(path)
-    subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=True,
-                   stdin=subprocess.DEVNULL)
+    subprocess.run(
+        ["rm", "-rf", "--one-file-system", "--", str(path)], check=True, stdin=subprocess.DEVNULL
+    )
 
 
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:

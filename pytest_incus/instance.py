@@ -41,7 +41,8 @@ class FileInfo:
     def exists(self) -> bool:
         """True if the path exists (a dangling symlink does not)."""
         return self._stats is not None and not (
-            self._stats[0].is_symlink and self._stats[1] is self._stats[0])
+            self._stats[0].is_symlink and self._stats[1] is self._stats[0]
+        )
 
     @property
     def is_file(self) -> bool:
@@ -109,8 +110,14 @@ class Instance:
     or the ``instance`` fixture; gone after ``delete()``.
     """
 
-    def __init__(self, machine: Machine, spec: InstanceSpec, *, exec_timeout: float,
-                 on_delete: Callable[[Instance], None]) -> None:
+    def __init__(
+        self,
+        machine: Machine,
+        spec: InstanceSpec,
+        *,
+        exec_timeout: float,
+        on_delete: Callable[[Instance], None],
+    ) -> None:
         self.machine = machine
         self.spec = spec
         self._exec_timeout = exec_timeout
@@ -189,16 +196,19 @@ class Instance:
             raise ExecError(
                 f"{cmd!r} in {self.name} exited with {result.exit_code}; stderr:\n"
                 f"{result.stderr.strip()[-2000:]}",
-                cmd=cmd if isinstance(cmd, str) else list(cmd), exit_code=result.exit_code,
-                stdout_bytes=result.stdout_bytes, stderr_bytes=result.stderr_bytes,
+                cmd=cmd if isinstance(cmd, str) else list(cmd),
+                exit_code=result.exit_code,
+                stdout_bytes=result.stdout_bytes,
+                stderr_bytes=result.stderr_bytes,
                 duration=result.duration,
             )
         return result
 
     # -- files -----------------------------------------------------------------------------
 
-    def push(self, local_path: str | os.PathLike[str], remote_path: str, *,
-             mode: int | None = None) -> None:
+    def push(
+        self, local_path: str | os.PathLike[str], remote_path: str, *, mode: int | None = None
+    ) -> None:
         """Copy a local file or tree into the instance, as ``docker cp`` does.
 
         A file becomes ``remote_path`` (or goes into it, if it is a directory); a directory
@@ -226,9 +236,7 @@ class Instance:
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r") as tar:
             members = tar.getmembers()
             is_tree = bool(members) and members[0].name == "." and members[0].isdir()
-            if is_tree:
-                target_dir = local
-            elif local.is_dir():
+            if is_tree or local.is_dir():
                 target_dir = local
             else:
                 target_dir = local.parent
@@ -292,4 +300,5 @@ class Instance:
 def _host_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     """Extract safely on the host: nothing outside ``dest``, no ownership from the instance."""
     checked = tarfile.tar_filter(member, dest)
-    return checked.replace(uid=None, gid=None, uname=None, gname=None, deep=False)
+    # None: leave ownership to the extracting user (typeshed does not know None is allowed)
+    return checked.replace(uid=None, gid=None, uname=None, gname=None, deep=False)  # type: ignore[arg-type]

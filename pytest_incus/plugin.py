@@ -51,27 +51,50 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 def pytest_addoption(parser: pytest.Parser) -> None:
     """The --incus-* options and incus_* ini keys."""
     group = parser.getgroup("incus", "pytest-incus: real instances as fixtures")
-    group.addoption("--incus-keep", choices=KEEP_CHOICES, default=None,
-                    help="keep instances after their test: never (default), failed, always")
-    group.addoption("--incus-cache-dir", default=None,
-                    help=f"image cache and instance directory (default: ${{PYTEST_INCUS_CACHE_DIR}}"
-                         f" or {default_cache_dir()})")
-    group.addoption("--incus-mirror", default=None,
-                    help=f"Debian mirror for debian/<release> images (default {DEFAULT_MIRROR})")
-    group.addoption("--incus-skip-unavailable", action="store_true", default=None,
-                    help="skip, instead of error, tests whose kind this host cannot run")
-    parser.addini("incus_default_image", f"image when the marker names none ({DEFAULT_IMAGE})",
-                  default=DEFAULT_IMAGE)
-    parser.addini("incus_default_kind", f"kind when the marker names none ({DEFAULT_KIND})",
-                  default=DEFAULT_KIND)
-    parser.addini("incus_exec_timeout",
-                  f"default exec timeout in seconds, 0 for none ({DEFAULT_EXEC_TIMEOUT:g})",
-                  default=str(DEFAULT_EXEC_TIMEOUT))
+    group.addoption(
+        "--incus-keep",
+        choices=KEEP_CHOICES,
+        default=None,
+        help="keep instances after their test: never (default), failed, always",
+    )
+    group.addoption(
+        "--incus-cache-dir",
+        default=None,
+        help=f"image cache and instance directory (default: ${{PYTEST_INCUS_CACHE_DIR}}"
+        f" or {default_cache_dir()})",
+    )
+    group.addoption(
+        "--incus-mirror",
+        default=None,
+        help=f"Debian mirror for debian/<release> images (default {DEFAULT_MIRROR})",
+    )
+    group.addoption(
+        "--incus-skip-unavailable",
+        action="store_true",
+        default=None,
+        help="skip, instead of error, tests whose kind this host cannot run",
+    )
+    parser.addini(
+        "incus_default_image",
+        f"image when the marker names none ({DEFAULT_IMAGE})",
+        default=DEFAULT_IMAGE,
+    )
+    parser.addini(
+        "incus_default_kind",
+        f"kind when the marker names none ({DEFAULT_KIND})",
+        default=DEFAULT_KIND,
+    )
+    parser.addini(
+        "incus_exec_timeout",
+        f"default exec timeout in seconds, 0 for none ({DEFAULT_EXEC_TIMEOUT:g})",
+        default=str(DEFAULT_EXEC_TIMEOUT),
+    )
     parser.addini("incus_keep", "ini form of --incus-keep", default="never")
     parser.addini("incus_cache_dir", "ini form of --incus-cache-dir", default="")
     parser.addini("incus_mirror", "ini form of --incus-mirror", default=DEFAULT_MIRROR)
-    parser.addini("incus_skip_unavailable", "ini form of --incus-skip-unavailable", type="bool",
-                  default=False)
+    parser.addini(
+        "incus_skip_unavailable", "ini form of --incus-skip-unavailable", type="bool", default=False
+    )
 
 
 def _settings(config: pytest.Config) -> Settings:
@@ -83,8 +106,10 @@ def _settings(config: pytest.Config) -> Settings:
     try:
         timeout = float(config.getini("incus_exec_timeout"))
     except ValueError:
-        raise ConfigError(f"incus_exec_timeout = {config.getini('incus_exec_timeout')!r} "
-                          "is not a number of seconds") from None
+        raise ConfigError(
+            f"incus_exec_timeout = {config.getini('incus_exec_timeout')!r} "
+            "is not a number of seconds"
+        ) from None
     return Settings(
         cache_dir=Path(cache).expanduser().absolute() if cache else default_cache_dir(),
         mirror=option("incus_mirror", "incus_mirror"),
@@ -102,13 +127,19 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = _settings(config)
     config.stash[SETTINGS] = settings
     config.stash[CONFIG_ERRORS] = []
-    store = ImageStore(settings, progress=_progress_writer(config),
-                       build_hook=lambda ref, rootfs: config.hook.pytest_incus_build_image(
-                           config=config, ref=ref, rootfs=rootfs))
+    store = ImageStore(
+        settings,
+        progress=_progress_writer(config),
+        build_hook=lambda ref, rootfs: config.hook.pytest_incus_build_image(
+            config=config, ref=ref, rootfs=rootfs
+        ),
+    )
     config.stash[STORE] = store
     config.stash[FACTORY] = InstanceFactory(
-        settings, store,
-        on_ready=lambda inst: config.hook.pytest_incus_instance_ready(instance=inst))
+        settings,
+        store,
+        on_ready=lambda inst: config.hook.pytest_incus_instance_ready(instance=inst),
+    )
 
 
 def _progress_writer(config: pytest.Config) -> Any:
@@ -148,16 +179,19 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         factory.close()
 
 
-def marker_targets(node: pytest.Item | pytest.Function | Any, settings: Settings) -> tuple[
-        list[tuple[str, str]], dict[str, Any], bool]:
+def marker_targets(
+    node: pytest.Item | pytest.Function | Any, settings: Settings
+) -> tuple[list[tuple[str, str]], dict[str, Any], bool]:
     """(kind, image) pairs of the closest ``instance`` marker, its options, and whether it
     asks for parametrization (a list for kind or image)."""
     marker = node.get_closest_marker("instance")
     if marker is None:
         return [(settings.default_kind, settings.default_image)], {}, False
     if marker.args:
-        raise ConfigError(f"{node.nodeid}: the instance marker takes keyword arguments only, "
-                          f"got positional {marker.args!r}; write kind=..., image=...")
+        raise ConfigError(
+            f"{node.nodeid}: the instance marker takes keyword arguments only, "
+            f"got positional {marker.args!r}; write kind=..., image=..."
+        )
     options = dict(marker.kwargs)
     kinds = options.pop("kind", settings.default_kind)
     images = options.pop("image", settings.default_image)
@@ -181,7 +215,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     settings = metafunc.config.stash[SETTINGS]
     node = metafunc.definition
     try:
-        pairs, options, many = marker_targets(node, settings)
+        pairs, _, many = marker_targets(node, settings)
         for pair in pairs:
             spec_for(node, settings, pair)
     except ConfigError as exc:
@@ -199,8 +233,9 @@ def pytest_collection_modifyitems(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[
-        None, pytest.TestReport, pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """Note failures (for --incus-keep=failed) and say how to enter kept instances."""
     report = yield
     if report.failed:
@@ -214,5 +249,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def shell_hint(inst: Instance, settings: Settings) -> str:
     """The line that tells how to get a shell in a kept instance."""
-    cache = "" if settings.cache_dir == default_cache_dir() else f"--cache-dir {settings.cache_dir} "
+    cache = (
+        "" if settings.cache_dir == default_cache_dir() else f"--cache-dir {settings.cache_dir} "
+    )
     return f"instance {inst.name} is kept: pytest-incus {cache}shell {inst.name}"

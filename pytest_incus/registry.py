@@ -45,10 +45,18 @@ class Record:
         return not self.kept and (self.owner is None or not self.owner.alive())
 
 
-def write_record(directory: Path, *, kind: str, image: str, owner: Owner, kept: bool = False) -> None:
+def write_record(
+    directory: Path, *, kind: str, image: str, owner: Owner, kept: bool = False
+) -> None:
     """Write (or rewrite) the record of the instance in ``directory``."""
-    data = {"name": directory.name, "kind": kind, "image": image, "owner": owner.to_dict(),
-            "created": time.time(), "kept": kept}
+    data = {
+        "name": directory.name,
+        "kind": kind,
+        "image": image,
+        "owner": owner.to_dict(),
+        "created": time.time(),
+        "kept": kept,
+    }
     fsutil.write_atomic(directory / RECORD, json.dumps(data))
 
 
@@ -65,10 +73,15 @@ def read_record(directory: Path) -> Record | None:
     data = fsutil.read_json(directory / RECORD)
     if not isinstance(data, dict):
         return None
-    return Record(name=directory.name, kind=str(data.get("kind", "container")),
-                  image=str(data.get("image", "?")), owner=Owner.from_dict(data.get("owner")),
-                  created=float(data.get("created", 0)), kept=bool(data.get("kept")),
-                  directory=directory)
+    return Record(
+        name=directory.name,
+        kind=str(data.get("kind", "container")),
+        image=str(data.get("image", "?")),
+        owner=Owner.from_dict(data.get("owner")),
+        created=float(data.get("created", 0)),
+        kept=bool(data.get("kept")),
+        directory=directory,
+    )
 
 
 def records(settings: Settings) -> list[Record]:
@@ -94,7 +107,9 @@ def remove_instance(settings: Settings, name: str, kind: str) -> None:
         fsutil.remove_tree(directory)
 
 
-def reap(settings: Settings, *, include_kept: bool = False, names: list[str] | None = None) -> list[str]:
+def reap(
+    settings: Settings, *, include_kept: bool = False, names: list[str] | None = None
+) -> list[str]:
     """Remove the instances whose owning process is gone; returns their names.
 
     Instances of live processes (this run, other xdist workers, nested pytest runs) are never
@@ -114,8 +129,12 @@ def reap(settings: Settings, *, include_kept: bool = False, names: list[str] | N
                     continue  # a launch that is writing its record right now
                 kind = "container"
             else:
-                if not (record.orphaned or (include_kept and record.kept and not
-                                            (record.owner and record.owner.alive()))):
+                if not (
+                    record.orphaned
+                    or (
+                        include_kept and record.kept and not (record.owner and record.owner.alive())
+                    )
+                ):
                     continue
                 kind = record.kind
             log.info("reaping instance %s left by a process that is gone", directory.name)
@@ -141,7 +160,9 @@ def leftovers(settings: Settings, name: str) -> list[str]:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
             except OSError:
                 continue
-            if str(directory).encode() in cmdline and b"lxc" in cmdline:
+            # an LXC monitor is "[lxc monitor] <lxcpath> <name>"
+            monitor = f"{settings.instances_dir} {name}".encode()
+            if (monitor in cmdline or str(directory).encode() in cmdline) and b"lxc" in cmdline:
                 found.append(f"process {entry}: {cmdline.decode(errors='replace').strip()}")
     found += [f"cgroup {p}" for p in cgroups.leftovers(name, [])]
     return found

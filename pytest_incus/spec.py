@@ -18,8 +18,19 @@ KINDS = ("container", "app", "vm")
 NETWORKS = ("none", "bridged")
 VM_INITS = ("systemd", "agent")
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{0,62}$")
 
@@ -82,7 +93,9 @@ class InstanceSpec:
     name: str | None = None
 
     @classmethod
-    def parse(cls, kind: Any, image: Any, options: Mapping[str, Any], *, where: str) -> InstanceSpec:
+    def parse(
+        cls, kind: Any, image: Any, options: Mapping[str, Any], *, where: str
+    ) -> InstanceSpec:
         """Check ``options`` for ``kind``/``image`` and build the spec.
 
         ``where`` names the test or call, so the error can point at it.
@@ -104,7 +117,9 @@ class InstanceSpec:
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
                 raise bad(f"option {key}={value!r} has the wrong type; it must be {description}")
             if kind not in kinds:
-                raise bad(f"option {key}= does not apply to kind={kind!r} (only to {', '.join(kinds)})")
+                raise bad(
+                    f"option {key}= does not apply to kind={kind!r} (only to {', '.join(kinds)})"
+                )
             values[key] = value
         if "cpus" in values and values["cpus"] < 1:
             raise bad(f"option cpus={values['cpus']!r} must be at least 1")
@@ -112,11 +127,14 @@ class InstanceSpec:
             try:
                 values["memory"] = parse_memory(values["memory"])
             except ValueError:
-                raise bad(f"option memory={values['memory']!r} is not a size; "
-                          'write it like "512MiB" or "1GiB"') from None
+                raise bad(
+                    f"option memory={values['memory']!r} is not a size; "
+                    'write it like "512MiB" or "1GiB"'
+                ) from None
         for key in ("env", "mounts"):
-            if key in values and not all(isinstance(k, str) and isinstance(v, str)
-                                         for k, v in values[key].items()):
+            if key in values and not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in values[key].items()
+            ):
                 raise bad(f"option {key}= must map str to str, got {values[key]!r}")
         if "mounts" in values:
             for host, inside in values["mounts"].items():

@@ -26,7 +26,7 @@ def _is_static_elf(path: Path) -> bool:
     phoff = int.from_bytes(data[0x20:0x28], "little")
     phentsize = int.from_bytes(data[0x36:0x38], "little")
     phnum = int.from_bytes(data[0x38:0x3A], "little")
-    types = (int.from_bytes(data[phoff + i * phentsize:][:4], "little") for i in range(phnum))
+    types = (int.from_bytes(data[phoff + i * phentsize :][:4], "little") for i in range(phnum))
     return 3 not in types
 
 
@@ -45,14 +45,28 @@ def host_busybox() -> Path:
 def build(rootfs: Path) -> str:
     """Lay out a busybox system in ``rootfs``; returns its init flavour."""
     busybox = host_busybox()
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run",
-              "root", "var/log", "home"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "root",
+        "var/log",
+        "home",
+    ):
         (rootfs / d).mkdir(parents=True, exist_ok=True)
     os.chmod(rootfs / "tmp", 0o1777)
     os.chmod(rootfs / "root", 0o700)
     shutil.copy2(busybox, rootfs / "bin" / "busybox")
-    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True,
-                             check=True).stdout.split()
+    applets = subprocess.run(
+        [str(busybox), "--list-full"], capture_output=True, text=True, check=True
+    ).stdout.split()
     for applet in applets:
         link = rootfs / applet
         if not link.exists() and not link.is_symlink():

@@ -13,11 +13,23 @@ def build(source: Path, rootfs: Path) -> None:
     if source.is_dir():
         cmd = ["cp", "-a", "--reflink=auto", f"{source}/.", str(rootfs)]
     else:
-        cmd = ["tar", "-x", "-p", "--numeric-owner", "--xattrs", "-f", str(source), "-C", str(rootfs)]
+        cmd = [
+            "tar",
+            "-x",
+            "-p",
+            "--numeric-owner",
+            "--xattrs",
+            "-f",
+            str(source),
+            "-C",
+            str(rootfs),
+        ]
     proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
-        raise ImageError(f"cannot import rootfs from {source}: {proc.stderr.strip()}; "
-                         "check that it is a readable rootfs directory or tarball")
+        raise ImageError(
+            f"cannot import rootfs from {source}: {proc.stderr.strip()}; "
+            "check that it is a readable rootfs directory or tarball"
+        )
     if not (rootfs / "sbin" / "init").exists() and not (rootfs / "sbin" / "init").is_symlink():
         raise ImageError(f"rootfs {source} has no /sbin/init, so no system container can boot it")
 

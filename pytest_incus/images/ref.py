@@ -54,12 +54,14 @@ def parse_ref(image: str) -> ImageRef:
         return ImageRef(image, "simplestreams", "ss-" + image[7:].replace("/", "-"))
     if image.startswith(_OCI_PREFIXES):
         return ImageRef(image, "oci", "oci-" + hashlib.sha256(image.encode()).hexdigest()[:16])
-    if image.startswith(("/", "./", "../", "~")) or os.sep in image and Path(image).exists():
+    if image.startswith(("/", "./", "../", "~")) or (os.sep in image and Path(image).exists()):
         path = Path(image).expanduser().resolve()
         if not path.exists():
             raise ConfigError(f"image {image!r}: no such rootfs directory or tarball ({path})")
-        if not (path.is_dir() or path.name.endswith((".tar", ".tar.gz", ".tgz", ".tar.xz",
-                                                    ".tar.zst", ".tar.bz2"))):
+        if not (
+            path.is_dir()
+            or path.name.endswith((".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.zst", ".tar.bz2"))
+        ):
             raise ConfigError(f"image {image!r}: {path} is neither a directory nor a tarball")
         return ImageRef(image, "local", _local_key(path), path=path)
     if _HOOK_NAME.match(image):

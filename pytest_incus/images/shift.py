@@ -20,8 +20,12 @@ def _shift_one(path: str, base_id: int) -> None:
 def copy_shifted(source: Path, dest: Path, base_id: int) -> None:
     """Copy the tree ``source`` into the existing directory ``dest``, owners moved up by
     ``base_id`` (uid 0 inside becomes ``base_id`` on the host)."""
-    proc = subprocess.run(["cp", "-a", "--reflink=auto", f"{source}/.", str(dest)],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        ["cp", "-a", "--reflink=auto", f"{source}/.", str(dest)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     if proc.returncode != 0:
         raise ImageError(f"cannot copy {source} for an unprivileged container: {proc.stderr}")
     _shift_one(str(dest), base_id)

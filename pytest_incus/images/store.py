@@ -15,10 +15,12 @@ unreadable is corrupt: it is removed and rebuilt, with a warning.
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +58,7 @@ class Image:
     created: float
     init: str  # "systemd", "busybox" or "other": how readiness is decided
     base: str | None = None  # for a uid-shifted copy, the key of the image it was made from
+    recipe: str = ""  # version of the build steps; an entry of another recipe is rebuilt
 
     @property
     def rootfs(self) -> Path:
@@ -69,9 +72,17 @@ class Image:
         if not isinstance(data, dict) or not (path / "rootfs").is_dir():
             return None
         try:
-            return cls(ref=data["ref"], kind=data["kind"], key=data["key"], path=path,
-                       size=int(data["size"]), created=float(data["created"]), init=data["init"],
-                       base=data.get("base"))
+            return cls(
+                ref=data["ref"],
+                kind=data["kind"],
+                key=data["key"],
+                path=path,
+                size=int(data["size"]),
+                created=float(data["created"]),
+                init=data["init"],
+                base=data.get("base"),
+                recipe=str(data.get("recipe", "")),
+            )
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -83,8 +94,13 @@ class ImageStore:
     ``pytest_incus_build_image`` hook); ``progress`` shows long steps to the user.
     """
 
-    def __init__(self, settings: Settings, *, build_hook: BuildHook | None = None,
-                 progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        build_hook: BuildHook | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.settings = settings
         self._build_hook = build_hook
         self._progress = progress or log.info
@@ -95,17 +111,23 @@ class ImageStore:
     def get(self, image: str, kind: str = "container") -> Image:
         """Ensure ``image`` is cached for ``kind`` and return it, building it if needed."""
         if kind != "container":
-            raise ConfigError(f"image {image!r}: kind={kind!r} images are not supported yet; "
-                              "this version runs kind='container'")
+            raise ConfigError(
+                f"image {image!r}: kind={kind!r} images are not supported yet; "
+                "this version runs kind='container'"
+            )
         ref = parse_ref(image)
         if ref.source in ("simplestreams", "oci"):
-            raise ConfigError(f"image {image!r}: {ref.source} images are not supported yet by this "
-                              "version; use busybox, debian/<release> or a rootfs path")
+            raise ConfigError(
+                f"image {image!r}: {ref.source} images are not supported yet by this "
+                "version; use busybox, debian/<release> or a rootfs path"
+            )
         cached = self._seen.get(ref.key)
         if cached is not None and (cached.path / RECORD).exists():
             return cached
-        entry = self._ensure(ref.key, lambda rootfs: self._build(ref, rootfs), ref=ref.name,
-                             kind=kind)
+        recipe = debian.RECIPE if ref.source == "debian" else ""
+        entry = self._ensure(
+            ref.key, lambda rootfs: self._build(ref, rootfs), ref=ref.name, kind=kind, recipe=recipe
+        )
         self._seen[ref.key] = entry
         return entry
 
@@ -116,15 +138,20 @@ class ImageStore:
         """
         key = f"{image.key}.shift{base_id}"
         cached = self._seen.get(key)
-        if cached is not None and cached.created >= image.created and (cached.path / RECORD).exists():
+        if (
+            cached is not None
+            and cached.created >= image.created
+            and (cached.path / RECORD).exists()
+        ):
             return cached
 
         def make(rootfs: Path) -> str:
             shift.copy_shifted(image.rootfs, rootfs, base_id)
             return image.init
 
-        entry = self._ensure(key, make, ref=image.ref, kind=image.kind, base=image.key,
-                             not_older_than=image.created)
+        entry = self._ensure(
+            key, make, ref=image.ref, kind=image.kind, base=image.key, not_older_than=image.created
+        )
         self._seen[key] = entry
         return entry
 
@@ -136,7 +163,9 @@ class ImageStore:
         found = (Image.load(p) for p in sorted(images_dir.iterdir()) if p.is_dir())
         return [image for image in found if image is not None]
 
-    def prune(self, image: str | None = None, *, in_use: set[str] | None = None) -> list[Image]:
+    def prune(
+        self, image: str | None = None, *, in_use: set[str] | None = None
+    ) -> builtins.list[Image]:
         """Remove every entry, or those of ``image``; entries whose key is ``in_use`` stay.
 
         Returns the removed entries.
@@ -154,7 +183,7 @@ class ImageStore:
             removed.append(entry)
         return removed
 
-    def builds(self) -> list[dict[str, object]]:
+    def builds(self) -> builtins.list[dict[str, object]]:
         """The record of every builder run: key, ref, pid, start and end time."""
         path = self.settings.images_dir / BUILD_LOG
         if not path.exists():
@@ -167,32 +196,59 @@ class ImageStore:
         self.settings.images_dir.mkdir(parents=True, exist_ok=True)
         return filelock.FileLock(self.settings.images_dir / f"{key}.lock", timeout=LOCK_TIMEOUT)
 
-    def _ensure(self, key: str, make: Callable[[Path], str], *, ref: str, kind: str,
-                base: str | None = None, not_older_than: float = 0.0) -> Image:
+    def _ensure(
+        self,
+        key: str,
+        make: Callable[[Path], str],
+        *,
+        ref: str,
+        kind: str,
+        base: str | None = None,
+        not_older_than: float = 0.0,
+        recipe: str = "",
+    ) -> Image:
         final = self.settings.images_dir / key
-        existing = Image.load(final)
-        if existing is not None and existing.created >= not_older_than:
+
+        def current(entry: Image | None) -> Image | None:
+            if entry and entry.created >= not_older_than and entry.recipe == recipe:
+                return entry
+            return None
+
+        if existing := current(Image.load(final)):
             return existing
         with self._lock(key):
             existing = Image.load(final)
-            if existing is not None and existing.created >= not_older_than:
+            if current(existing):
+                assert existing is not None
                 return existing  # another process built it while we waited
             if final.exists():
                 if existing is None:
                     log.warning("image cache entry %s is incomplete or corrupt; rebuilding", final)
                 fsutil.remove_tree(final)
             self._remove_stale_staging(key)
-            return self._build_entry(key, make, ref=ref, kind=kind, base=base)
+            return self._build_entry(key, make, ref=ref, kind=kind, base=base, recipe=recipe)
 
     def _remove_stale_staging(self, key: str) -> None:
         staging = self.settings.staging_dir
         if staging.is_dir():
-            for leftover in staging.glob(f"{key}.*"):
+            # exactly <key>.<pid>.<n>: not the staging of another key such as <key>.shift...
+            pattern = re.compile(re.escape(key) + r"\.\d+\.\d+")
+            for leftover in staging.iterdir():
+                if not pattern.fullmatch(leftover.name):
+                    continue
                 log.warning("removing the leftover of an interrupted build: %s", leftover)
                 fsutil.remove_tree(leftover)
 
-    def _build_entry(self, key: str, make: Callable[[Path], str], *, ref: str, kind: str,
-                     base: str | None) -> Image:
+    def _build_entry(
+        self,
+        key: str,
+        make: Callable[[Path], str],
+        *,
+        ref: str,
+        kind: str,
+        base: str | None,
+        recipe: str,
+    ) -> Image:
         staging = self.settings.staging_dir / f"{key}.{os.getpid()}.{next(_counter)}"
         rootfs = staging / "rootfs"
         rootfs.mkdir(parents=True)
@@ -203,8 +259,16 @@ class ImageStore:
             self._progress(f"building image {ref} (once; later runs use the cache)")
         try:
             init = make(rootfs)
-            record = {"ref": ref, "kind": kind, "key": key, "init": init, "base": base,
-                      "created": time.time(), "size": fsutil.tree_size(rootfs)}
+            record = {
+                "ref": ref,
+                "kind": kind,
+                "key": key,
+                "init": init,
+                "base": base,
+                "recipe": recipe,
+                "created": time.time(),
+                "size": fsutil.tree_size(rootfs),
+            }
             fsutil.write_atomic(staging / RECORD, json.dumps(record, indent=1))
             os.chmod(staging, 0o755)
             os.rename(staging, self.settings.images_dir / key)
@@ -213,8 +277,18 @@ class ImageStore:
             raise
         finally:
             with open(self.settings.images_dir / BUILD_LOG, "a") as f:
-                f.write(json.dumps({"key": key, "ref": ref, "pid": os.getpid(),
-                                    "started": started, "ended": time.time()}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "key": key,
+                            "ref": ref,
+                            "pid": os.getpid(),
+                            "started": started,
+                            "ended": time.time(),
+                        }
+                    )
+                    + "\n"
+                )
         if base is None:
             self._progress(f"image {ref} built in {time.time() - started:.1f}s")
         entry = Image.load(self.settings.images_dir / key)

@@ -15,5 +15,7 @@ def get_runtime(kind: str) -> Runtime:
     """The runtime for ``kind``; UnavailableError for a kind this version cannot run yet."""
     if kind in RUNTIMES:
         return RUNTIMES[kind]
-    raise UnavailableError(f"kind={kind!r} ({_PLANNED.get(kind, kind)}) is not implemented yet in "
-                           "this version of pytest-incus; only kind='container' runs today")
+    raise UnavailableError(
+        f"kind={kind!r} ({_PLANNED.get(kind, kind)}) is not implemented yet in "
+        "this version of pytest-incus; only kind='container' runs today"
+    )

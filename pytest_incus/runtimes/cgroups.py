@@ -40,8 +40,12 @@ def hierarchies() -> tuple[Hierarchy, ...]:
                 controllers = (mount / "cgroup.controllers").read_text().split()
                 found.append(Hierarchy(mount, 2, frozenset(controllers)))
             elif fstype == "cgroup":
-                names = {o for o in options if o not in ("rw", "ro", "relatime", "nosuid",
-                                                         "nodev", "noexec", "clone_children")}
+                names = {
+                    o
+                    for o in options
+                    if o
+                    not in ("rw", "ro", "relatime", "nosuid", "nodev", "noexec", "clone_children")
+                }
                 found.append(Hierarchy(mount, 1, frozenset(names)))
     return tuple(found)
 
@@ -61,12 +65,34 @@ def _own_paths(pid: int) -> list[Path]:
         for line in f:
             _, names, rel = line.rstrip("\n").split(":", 2)
             for h in hierarchies():
-                v1_match = h.version == 1 and names and (
-                    set(names.split(",")) <= h.controllers
-                    or names.removeprefix("name=") in h.controllers)
+                v1_match = (
+                    h.version == 1
+                    and names
+                    and (
+                        set(names.split(",")) <= h.controllers
+                        or names.removeprefix("name=") in h.controllers
+                    )
+                )
                 if (h.version == 2 and not names) or v1_match:
                     paths.append(h.mount / rel.lstrip("/"))
     return paths
+
+
+def own() -> list[Path]:
+    """The cgroup directories of this process, one per hierarchy."""
+    return _own_paths(os.getpid())
+
+
+def move_self(paths: list[Path]) -> None:
+    """Move this process (all its threads) back into ``paths``.
+
+    liblxc's start moves the calling process into the new container's ``lxc.monitor.<name>``
+    cgroup; left there, our process would keep that cgroup alive after the container is gone
+    and escape the limits of its own cgroups.
+    """
+    for path in paths:
+        with contextlib.suppress(OSError):
+            (path / "cgroup.procs").write_text(str(os.getpid()))
 
 
 def parents_of(pid: int) -> list[str]:

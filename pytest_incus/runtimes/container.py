@@ -59,7 +59,7 @@ def _subid_ok(path: str) -> bool:
         parts = line.split(":")
         if len(parts) == 3 and parts[0] in ("root", "0"):
             start, count = int(parts[1]), int(parts[2])
-            if start <= ID_BASE and ID_BASE + ID_COUNT <= start + count:
+            if start <= ID_BASE and start + count >= ID_BASE + ID_COUNT:
                 return True
     return False
 
@@ -68,10 +68,12 @@ def unprivileged_unavailable() -> str | None:
     """Why unprivileged containers cannot start here, or None."""
     missing = [p for p in ("/etc/subuid", "/etc/subgid") if not _subid_ok(p)]
     if missing:
-        return (f"{' and '.join(missing)} give root no range covering {ID_BASE}-"
-                f"{ID_BASE + ID_COUNT - 1}, needed for unprivileged containers; run: usermod "
-                f"--add-subuids {ID_BASE}-{ID_BASE + ID_COUNT - 1} --add-subgids "
-                f"{ID_BASE}-{ID_BASE + ID_COUNT - 1} root (or use privileged=True)")
+        return (
+            f"{' and '.join(missing)} give root no range covering {ID_BASE}-"
+            f"{ID_BASE + ID_COUNT - 1}, needed for unprivileged containers; run: usermod "
+            f"--add-subuids {ID_BASE}-{ID_BASE + ID_COUNT - 1} --add-subgids "
+            f"{ID_BASE}-{ID_BASE + ID_COUNT - 1} root (or use privileged=True)"
+        )
     if not Path("/usr/bin/newuidmap").exists():
         return "newuidmap is missing, needed for unprivileged containers: apt-get install uidmap"
     return None
@@ -98,8 +100,10 @@ class ContainerRuntime:
     def check(self, spec: InstanceSpec) -> None:
         """Reject what containers cannot do yet."""
         if spec.network != "none":
-            raise ConfigError(f"network={spec.network!r} is not supported yet for containers; "
-                              "only network='none' (no network) works in this version")
+            raise ConfigError(
+                f"network={spec.network!r} is not supported yet for containers; "
+                "only network='none' (no network) works in this version"
+            )
         if spec.cpus is not None and spec.cpus > (os.cpu_count() or 1):
             raise ConfigError(f"cpus={spec.cpus} but this host has only {os.cpu_count()} CPUs")
 
@@ -110,12 +114,15 @@ class ContainerRuntime:
         try:
             _lxc()
         except ImportError:
-            return ("the lxc Python bindings are missing: apt-get install lxc lxc-dev pkg-config,"
-                    " then pip install lxc")
+            return (
+                "the lxc Python bindings are missing: apt-get install lxc lxc-dev pkg-config,"
+                " then pip install lxc"
+            )
         return None
 
-    def create(self, spec: InstanceSpec, name: str, directory: Path,
-               images: ImageStore) -> Container:
+    def create(
+        self, spec: InstanceSpec, name: str, directory: Path, images: ImageStore
+    ) -> Container:
         """Prepare the overlay and LXC config of a new container."""
         if not spec.privileged and (reason := unprivileged_unavailable()):
             raise InstanceStartError(reason)
@@ -127,12 +134,35 @@ class ContainerRuntime:
         """Kill what is left of container ``name`` and remove its cgroups."""
         Container.teardown(name, directory)
 
+    def shell(self, name: str, directory: Path, command: list[str] | None) -> int:
+        """Run a login shell (or ``command``) in container ``name`` on this terminal."""
+        c = _lxc().Container(name, str(directory.parent))
+        if not c.running:
+            raise IncusError(f"container {name} is not running")
+        argv = command or ["/bin/sh", "-c", 'exec "${SHELL:-/bin/sh}" -l']
+        env = {"TERM": os.environ.get("TERM", "xterm")}
+        status_r, status_w = os.pipe()
+        try:
+            status = c.attach_wait(
+                inside.run_command,
+                (argv, env, None, None, status_w),
+                env_policy=_lxc().LXC_ATTACH_CLEAR_ENV,
+            )
+        finally:
+            os.close(status_w)
+            problem = os.read(status_r, 65536)
+            os.close(status_r)
+        if problem:
+            raise IncusError(f"cannot run {argv!r} in {name}: {json.loads(problem)['message']}")
+        return os.waitstatus_to_exitcode(status) if status >= 0 else 1
+
 
 class Container:
     """One system container."""
 
-    def __init__(self, spec: InstanceSpec, name: str, directory: Path, image: Image,
-                 hook: Path) -> None:
+    def __init__(
+        self, spec: InstanceSpec, name: str, directory: Path, image: Image, hook: Path
+    ) -> None:
         self.spec = spec
         self.name = name
         self.directory = directory
@@ -143,8 +173,10 @@ class Container:
         expected = f"overlay:{image.rootfs}:{directory / 'upper'}"
         got = self._c.get_config_item("lxc.rootfs.path")
         if got not in (expected, expected.removeprefix("overlay:")):
-            raise InstanceStartError(f"{name}: LXC read rootfs {got!r} from the config, expected "
-                                     f"{expected!r}; refusing to start")
+            raise InstanceStartError(
+                f"{name}: LXC read rootfs {got!r} from the config, expected "
+                f"{expected!r}; refusing to start"
+            )
 
     # -- configuration -------------------------------------------------------------------
 
@@ -179,7 +211,10 @@ class Container:
             f"lxc.environment = PTI_EXPECT_UPPER={d / 'upper'}",
         ]
         if not spec.privileged:
-            lines += [f"lxc.idmap = u 0 {ID_BASE} {ID_COUNT}", f"lxc.idmap = g 0 {ID_BASE} {ID_COUNT}"]
+            lines += [
+                f"lxc.idmap = u 0 {ID_BASE} {ID_COUNT}",
+                f"lxc.idmap = g 0 {ID_BASE} {ID_COUNT}",
+            ]
         if spec.cpus is not None:
             key = cgroups.config_key("cpuset", "cpuset.cpus", "cpuset.cpus")
             if key is None:
@@ -192,8 +227,10 @@ class Container:
             lines.append(f"{key} = {spec.memory}")
         for host_path, inner in spec.mounts.items():
             kind = "dir" if Path(host_path).is_dir() else "file"
-            lines.append(f"lxc.mount.entry = {Path(host_path).resolve()} {inner.lstrip('/')} none "
-                         f"bind,ro,create={kind} 0 0")
+            lines.append(
+                f"lxc.mount.entry = {Path(host_path).resolve()} {inner.lstrip('/')} none "
+                f"bind,ro,create={kind} 0 0"
+            )
         fsutil.write_atomic(d / "config", "\n".join(lines) + "\n")
 
     # -- life cycle ----------------------------------------------------------------------
@@ -201,8 +238,13 @@ class Container:
     def start(self) -> None:
         """Start, then wait until init has finished booting."""
         deadline = time.monotonic() + self.spec.boot_timeout
-        # close_fds: a monitor that inherits our fds lingers for seconds after the container stops
-        if not self._c.start(close_fds=True):
+        home = cgroups.own()
+        try:
+            # close_fds: a monitor that inherits our fds lingers after the container stops
+            started = self._c.start(close_fds=True)
+        finally:
+            cgroups.move_self(home)
+        if not started:
             raise self._start_error("liblxc could not start the container")
         self._record_cgroups()
         if self.image.init == "systemd":
@@ -213,8 +255,9 @@ class Container:
         fsutil.write_atomic(self.directory / "cgroups.json", json.dumps(parents))
 
     def _wait_systemd(self, deadline: float) -> None:
-        request = ExecRequest(("systemctl", "is-system-running", "--wait"), {}, None, None,
-                              None, 10.0)
+        request = ExecRequest(
+            ("systemctl", "is-system-running", "--wait"), {}, None, None, None, 10.0
+        )
         last = ""
         while time.monotonic() < deadline:
             if not self._c.running:
@@ -226,12 +269,16 @@ class Container:
             last = (result.stdout + result.stderr).strip()
             if result.stdout.strip() in ("running", "degraded"):
                 return
-            if result.stdout.strip() in ("stopping", "offline"):
+            # "offline" only means systemctl cannot reach the manager yet (early boot, before
+            # its private socket exists): keep polling until the deadline
+            if result.stdout.strip() == "stopping":
                 break
             time.sleep(READY_POLL)
-        raise self._start_error(f"systemd did not finish booting within {self.spec.boot_timeout}s "
-                                f"(is-system-running said {last!r}); raise boot_timeout or "
-                                "look at the console log below")
+        raise self._start_error(
+            f"systemd did not finish booting within {self.spec.boot_timeout}s "
+            f"(is-system-running said {last!r}); raise boot_timeout or "
+            "look at the console log below"
+        )
 
     def _start_error(self, what: str) -> InstanceStartError:
         error = InstanceStartError(f"container {self.name} (image {self.spec.image}): {what}")
@@ -278,37 +325,49 @@ class Container:
 
     # -- running things inside -----------------------------------------------------------
 
-    def _attach(self, fn: Any, payload: Any, request_input: bytes | None,
-                timeout: float | None, what: str) -> process.Outcome:
+    def _attach(
+        self, fn: Any, payload: Any, request_input: bytes | None, timeout: float | None, what: str
+    ) -> process.Outcome:
         lxc = _lxc()
         with process.Pipes() as pipes:
             pid = self._c.attach(
-                fn, (*payload, pipes.status_w),
+                fn,
+                (*payload, pipes.status_w),
                 env_policy=lxc.LXC_ATTACH_CLEAR_ENV,
-                stdin=pipes.stdin_r, stdout=pipes.stdout_w, stderr=pipes.stderr_w,
+                stdin=pipes.stdin_r,
+                stdout=pipes.stdout_w,
+                stderr=pipes.stderr_w,
             )
             if pid < 0:
-                raise IncusError(f"container {self.name}: liblxc could not attach to run {what}; "
-                                 "is the container running?")
+                raise IncusError(
+                    f"container {self.name}: liblxc could not attach to run {what}; "
+                    "is the container running?"
+                )
             return pipes.communicate(pid, request_input, timeout)
 
     def exec(self, request: ExecRequest) -> ExecResult:
         """Run a command inside (see ``inside.run_command``)."""
         started = time.monotonic()
         payload = (list(request.argv), dict(request.env), request.cwd, request.user)
-        outcome = self._attach(inside.run_command, payload, request.input, request.timeout,
-                               repr(list(request.argv)))
+        outcome = self._attach(
+            inside.run_command, payload, request.input, request.timeout, repr(list(request.argv))
+        )
         duration = time.monotonic() - started
         if outcome.status:
-            raise IncusError(f"container {self.name}: cannot run {list(request.argv)!r}: "
-                             f"{outcome.status['message']}")
+            raise IncusError(
+                f"container {self.name}: cannot run {list(request.argv)!r}: "
+                f"{outcome.status['message']}"
+            )
         if outcome.timed_out:
             raise ExecTimeoutError(
                 f"{list(request.argv)!r} in {self.name} ran past its timeout of "
                 f"{request.timeout}s and was killed with its descendants; raise timeout= "
                 "(or incus_exec_timeout) if it needs longer",
-                cmd=list(request.argv), exit_code=outcome.exit_code, stdout_bytes=outcome.stdout,
-                stderr_bytes=outcome.stderr, duration=duration,
+                cmd=list(request.argv),
+                exit_code=outcome.exit_code,
+                stdout_bytes=outcome.stdout,
+                stderr_bytes=outcome.stderr,
+                duration=duration,
             )
         return ExecResult(outcome.exit_code, outcome.stdout, outcome.stderr, duration)
 
@@ -318,11 +377,14 @@ class Container:
             status = outcome.status
             if status["kind"] == "os":
                 raise OSError(status["errno"], status["message"], str(args[0]))
-            raise IncusError(f"container {self.name}: {name} {args[0]!r} failed: "
-                             f"{status['message']}")
+            raise IncusError(
+                f"container {self.name}: {name} {args[0]!r} failed: {status['message']}"
+            )
         if outcome.exit_code != 0:
-            raise IncusError(f"container {self.name}: {name} {args[0]!r} failed with exit code "
-                             f"{outcome.exit_code}: {outcome.stderr.decode(errors='replace')}")
+            raise IncusError(
+                f"container {self.name}: {name} {args[0]!r} failed with exit code "
+                f"{outcome.exit_code}: {outcome.stderr.decode(errors='replace')}"
+            )
         return outcome.stdout
 
     def read_file(self, path: str) -> bytes:
@@ -366,4 +428,3 @@ def _read(path: Path) -> str:
 def _recorded_cgroups(directory: Path) -> list[str]:
     recorded = fsutil.read_json(directory / "cgroups.json")
     return recorded if isinstance(recorded, list) else []
-

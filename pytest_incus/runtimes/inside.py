@@ -58,19 +58,33 @@ def _groups_of(name: str, gid: int) -> list[int]:
     return sorted(groups)
 
 
-def run_command(payload: tuple[list[str], dict[str, str], str | None, str | int | None, int]) -> int:
+def run_command(
+    payload: tuple[list[str], dict[str, str], str | None, str | int | None, int],
+) -> int:
     """Become the user, enter the directory, and exec the command (a new session leader, so
     a timeout can kill its process group)."""
     argv, env, cwd, user, status_fd = payload
     try:
         os.setsid()
         fields = _passwd_entry(0 if user is None else user)
-        name, uid, gid, home, shell = fields[0], int(fields[2]), int(fields[3]), fields[5], fields[6]
+        name, uid, gid, home, shell = (
+            fields[0],
+            int(fields[2]),
+            int(fields[3]),
+            fields[5],
+            fields[6],
+        )
         os.setgroups(_groups_of(name, gid))
         os.setgid(gid)
         os.setuid(uid)
-        full_env = {"PATH": DEFAULT_PATH, "HOME": home, "USER": name, "LOGNAME": name,
-                    "SHELL": shell or "/bin/sh", **env}
+        full_env = {
+            "PATH": DEFAULT_PATH,
+            "HOME": home,
+            "USER": name,
+            "LOGNAME": name,
+            "SHELL": shell or "/bin/sh",
+            **env,
+        }
         if cwd is not None:
             try:
                 os.chdir(cwd)
@@ -98,11 +112,12 @@ def run_command(payload: tuple[list[str], dict[str, str], str | None, str | int 
 
 # -- file operations ----------------------------------------------------------------------
 
+
 def _copy(src: int, dst: int) -> None:
     while chunk := os.read(src, _CHUNK):
         view = memoryview(chunk)
         while view:
-            view = view[os.write(dst, view):]
+            view = view[os.write(dst, view) :]
 
 
 def _makedirs(path: str) -> None:
@@ -159,7 +174,10 @@ def op_sha256(path: str) -> None:
 def op_put(dest: str, is_tree: bool) -> None:
     """Unpack the tar on stdin: a tree into directory ``dest`` (merged), or its one file as
     ``dest`` (into ``dest`` if that is a directory)."""
-    with os.fdopen(0, "rb", closefd=False) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+    with (
+        os.fdopen(0, "rb", closefd=False) as stream,
+        tarfile.open(fileobj=stream, mode="r|") as tar,
+    ):
         for member in tar:
             if is_tree:
                 _makedirs(dest)
@@ -179,7 +197,10 @@ def op_get(path: str) -> None:
     else as one member named after it."""
     st = os.lstat(path)
     arcname = "." if stat.S_ISDIR(st.st_mode) else os.path.basename(path.rstrip("/")) or "file"
-    with os.fdopen(1, "wb", closefd=False) as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
+    with (
+        os.fdopen(1, "wb", closefd=False) as stream,
+        tarfile.open(fileobj=stream, mode="w|") as tar,
+    ):
         tar.add(path, arcname=arcname, recursive=True)
 
 
@@ -192,8 +213,13 @@ def op_remove(path: str) -> None:
 
 
 OPERATIONS: dict[str, Callable[..., None]] = {
-    "read": op_read, "write": op_write, "stat": op_stat, "sha256": op_sha256,
-    "put": op_put, "get": op_get, "remove": op_remove,
+    "read": op_read,
+    "write": op_write,
+    "stat": op_stat,
+    "sha256": op_sha256,
+    "put": op_put,
+    "get": op_get,
+    "remove": op_remove,
 }
 
 

@@ -52,7 +52,10 @@ def _process_group(pgid: int) -> list[int]:
     members = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{entry}/stat") as f:
+            with (
+                contextlib.suppress(OSError, IndexError, ValueError),
+                open(f"/proc/{entry}/stat") as f,
+            ):
                 if int(f.read().rsplit(")", 1)[1].split()[3]) == pgid:
                     members.append(int(entry))
     return members
@@ -91,14 +94,26 @@ class Pipes:
         self.stdout_r, self.stdout_w = os.pipe()
         self.stderr_r, self.stderr_w = os.pipe()
         self.status_r, self.status_w = os.pipe()
-        self._open = {self.stdin_r, self.stdin_w, self.stdout_r, self.stdout_w, self.stderr_r,
-                      self.stderr_w, self.status_r, self.status_w}
+        self._open = {
+            self.stdin_r,
+            self.stdin_w,
+            self.stdout_r,
+            self.stdout_w,
+            self.stderr_r,
+            self.stderr_w,
+            self.status_r,
+            self.status_w,
+        }
 
     def __enter__(self) -> Pipes:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         for fd in self._open:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -144,7 +159,7 @@ class Pipes:
                         exited = True
                     elif fd == self.stdin_w:
                         try:
-                            pending = pending[os.write(fd, pending):]
+                            pending = pending[os.write(fd, pending) :]
                         except BrokenPipeError:
                             pending = pending[:0]
                         if not pending:
@@ -168,8 +183,9 @@ class Pipes:
         outcome.stderr = b"".join(outcome._chunks[self.stderr_r])
         raw_status = b"".join(outcome._chunks[self.status_r])
         outcome.status = json.loads(raw_status) if raw_status else None
-        outcome.exit_code = (128 + os.WTERMSIG(status) if os.WIFSIGNALED(status)
-                             else os.WEXITSTATUS(status))
+        outcome.exit_code = (
+            128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        )
         return outcome
 
     def _read(self, fd: int, outcome: Outcome) -> bool:

@@ -147,9 +147,13 @@ class Runtime(Protocol):
         """None if this host can run the kind, else why not and what to do."""
         ...
 
-    def create(self, spec: InstanceSpec, name: str, directory: Path,
-               images: ImageStore) -> Machine:
+    def create(self, spec: InstanceSpec, name: str, directory: Path, images: ImageStore) -> Machine:
         """Prepare an instance in ``directory`` (which exists); ``start()`` boots it."""
+        ...
+
+    def shell(self, name: str, directory: Path, command: list[str] | None) -> int:
+        """Run an interactive login shell (or ``command``) in instance ``name`` on this
+        terminal; returns its exit code."""
         ...
 
     def reap(self, name: str, directory: Path) -> None:

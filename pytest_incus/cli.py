@@ -1,0 +1,228 @@
+"""The ``pytest-incus`` command: doctor, images, ls, shell, rm, reap."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pytest_incus import registry
+from pytest_incus.errors import IncusError
+from pytest_incus.factory import InstanceFactory
+from pytest_incus.images.store import Image, ImageStore
+from pytest_incus.runtimes import RUNTIMES, get_runtime
+from pytest_incus.runtimes.container import unprivileged_unavailable
+from pytest_incus.settings import DEFAULT_MIRROR, Settings, default_cache_dir
+
+DOCTOR_DEADLINE = 30.0
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(cache_dir=Path(args.cache_dir).absolute(), mirror=args.mirror)
+
+
+def _print_progress(message: str) -> None:
+    print(f"pytest-incus: {message}", file=sys.stderr, flush=True)
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}TiB"
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Really start a busybox container (with a deadline) and say what this host can run."""
+    settings = _settings(args)
+    problems = 0
+    print(f"cache directory: {settings.cache_dir}")
+    reason = get_runtime("container").unavailable()
+    if reason is None:
+        reason = _try_container(settings, privileged=False)
+        if reason is not None:
+            privileged = _try_container(settings, privileged=True)
+            if privileged is None:
+                print("container: privileged containers work; unprivileged ones do not:")
+                print(f"  {reason}")
+                reason = None
+                problems += 1
+    if reason is None:
+        print("container: ok (a busybox container started and ran a command)")
+    else:
+        print(f"container: cannot run: {reason}")
+        problems += 1
+    for kind in ("vm", "app"):
+        if kind not in RUNTIMES:
+            # a kind this version does not have yet is not a problem of this host
+            print(f"{kind}: not implemented yet in this version of pytest-incus")
+            continue
+        reason = RUNTIMES[kind].unavailable()
+        if reason is None:
+            print(f"{kind}: ok")
+        else:
+            print(f"{kind}: cannot run: {reason}")
+            problems += 1
+    return 1 if problems else 0
+
+
+def _try_container(settings: Settings, *, privileged: bool) -> str | None:
+    """Start a busybox container and run a command in it; None if that worked, else why not."""
+    if not privileged and (reason := unprivileged_unavailable()):
+        return reason
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        factory = InstanceFactory(settings, ImageStore(settings, progress=_print_progress))
+        try:
+            inst = factory.launch(
+                kind="container",
+                image="busybox",
+                privileged=privileged,
+                boot_timeout=DOCTOR_DEADLINE,
+            )
+            result = inst.exec(["echo", "ok"], timeout=DOCTOR_DEADLINE)
+            outcome.append(None if result.stdout.strip() == "ok" else f"exec said {result!r}")
+        except Exception as exc:
+            outcome.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            factory.close()
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(DOCTOR_DEADLINE + 10)
+    if worker.is_alive():
+        return f"starting a busybox container took longer than {DOCTOR_DEADLINE:.0f}s"
+    return outcome[0] if outcome else "the check ended without a result"
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    """List, build or prune cached images."""
+    settings = _settings(args)
+    store = ImageStore(settings, progress=_print_progress)
+    if args.action == "list":
+        for image in store.list():
+            shifted = f" (uid-shifted copy of {image.base})" if image.base else ""
+            created = time.strftime("%Y-%m-%d %H:%M", time.localtime(image.created))
+            print(
+                f"{image.ref:24} {image.kind:10} {_human(image.size):>9}  {created}  "
+                f"{image.path}{shifted}"
+            )
+        return 0
+    if args.action == "build":
+        if not args.images:
+            print("pytest-incus images build: name at least one image", file=sys.stderr)
+            return 2
+        for name in args.images:
+            image = store.get(name)
+            print(f"{image.ref}: {image.path} ({_human(image.size)})")
+        return 0
+    in_use = {r.image for r in registry.records(settings)}
+    keys_in_use = {img.key for img in store.list() if img.ref in in_use}
+    removed: list[Image] = []
+    for name in args.images or [None]:
+        removed += store.prune(name, in_use=keys_in_use)
+    for image in removed:
+        print(f"removed {image.ref} ({image.path})")
+    if keys_in_use:
+        print(f"kept images in use by existing instances: {', '.join(sorted(in_use))}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """List the instances this tool created that still exist."""
+    for record in registry.records(_settings(args)):
+        owner = (
+            "kept"
+            if record.kept
+            else (
+                f"pid {record.owner.pid}" if record.owner and record.owner.alive() else "orphaned"
+            )
+        )
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+        print(f"{record.name:16} {record.kind:10} {record.image:24} {created}  {owner}")
+    return 0
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    """Open a shell (or run a command) inside an instance."""
+    settings = _settings(args)
+    record = registry.read_record(settings.instances_dir / args.name)
+    if record is None:
+        print(f"no instance named {args.name!r} (see pytest-incus ls)", file=sys.stderr)
+        return 1
+    return get_runtime(record.kind).shell(args.name, record.directory, args.command or None)
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    """Delete instances by name, whoever owns them."""
+    settings = _settings(args)
+    status = 0
+    for name in args.names:
+        record = registry.read_record(settings.instances_dir / name)
+        if record is None:
+            print(f"no instance named {name!r}", file=sys.stderr)
+            status = 1
+            continue
+        registry.remove_instance(settings, name, record.kind)
+        print(f"deleted {name}")
+    return status
+
+
+def cmd_reap(args: argparse.Namespace) -> int:
+    """Delete what crashed runs left: instances whose owning process is gone."""
+    removed = registry.reap(_settings(args), include_kept=args.kept)
+    for name in removed:
+        print(f"reaped {name}")
+    if not removed:
+        print("nothing to reap")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``pytest-incus``."""
+    parser = argparse.ArgumentParser(prog="pytest-incus", description=__doc__)
+    parser.add_argument(
+        "--cache-dir",
+        default=str(default_cache_dir()),
+        help="image cache and instance directory (default %(default)s)",
+    )
+    parser.add_argument("--mirror", default=DEFAULT_MIRROR, help="Debian mirror for builds")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="check what this host can run").set_defaults(func=cmd_doctor)
+    images = sub.add_parser("images", help="list, build or prune cached images")
+    images.add_argument("action", choices=("list", "build", "prune"))
+    images.add_argument("images", nargs="*", help="image names (build, prune)")
+    images.set_defaults(func=cmd_images)
+    sub.add_parser("ls", help="instances that still exist").set_defaults(func=cmd_ls)
+    shell = sub.add_parser("shell", help="a shell inside an instance")
+    shell.add_argument("name")
+    shell.add_argument(
+        "command", nargs=argparse.REMAINDER, help="run this instead of a login shell"
+    )
+    shell.set_defaults(func=cmd_shell)
+    rm = sub.add_parser("rm", help="delete instances by name (kept ones too)")
+    rm.add_argument("names", nargs="+")
+    rm.set_defaults(func=cmd_rm)
+    reap = sub.add_parser("reap", help="delete instances whose owning process is gone")
+    reap.add_argument("--kept", action="store_true", help="also delete kept instances")
+    reap.set_defaults(func=cmd_reap)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pytest-incus`` console command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except IncusError as exc:
+        print(f"pytest-incus: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

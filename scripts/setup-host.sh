@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install what pytest-incus needs on a Debian 12 host, as root. Safe to run again: each step
+# checks first. Used by `make demo` and `make test`.
+set -euo pipefail
+
+PACKAGES=(lxc lxc-dev pkg-config debootstrap busybox-static uidmap)
+ID_RANGE=1000000-1065535  # host ids of root..65535 inside unprivileged containers
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup-host: run as root (system containers need it)" >&2
+  exit 1
+fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup-host: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# unprivileged containers map their ids onto a range that root must own in /etc/subuid, subgid
+covers() {  # file: does a root line cover 1000000..1065535?
+  awk -F: '($1 == "root" || $1 == "0") && $2 <= 1000000 && $2 + $3 >= 1065536 { ok = 1 }
+           END { exit !ok }' "$1" 2>/dev/null
+}
+if ! covers /etc/subuid || ! covers /etc/subgid; then
+  echo "setup-host: giving root the id range $ID_RANGE for unprivileged containers"
+  usermod --add-subuids "$ID_RANGE" --add-subgids "$ID_RANGE" root
+fi

@@ -1,0 +1,87 @@
+"""Helpers of the plugin tests: inner test headers, the pytest-incus command, instance names."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pytest_incus import registry
+from pytest_incus.settings import Settings
+
+# Put at the top of an inner test module: record(instance) notes the instance's name in
+# ./names/, so the outer test knows which instances the inner run launched.
+INNER_HEADER = """\
+import os, pathlib, time
+import pytest
+
+NAMES = pathlib.Path(__file__).parent / "names"
+
+def record(instance):
+    NAMES.mkdir(exist_ok=True)
+    (NAMES / instance.name).write_text(os.environ.get("PYTEST_XDIST_WORKER", "main"))
+"""
+
+
+def wait_until(condition: Callable[[], object], deadline: float, what: str) -> None:
+    """Poll ``condition`` until it is true; fail with ``what`` after ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, f"{what}: not after {deadline}s"
+        time.sleep(0.05)
+
+
+def cli_command() -> str:
+    """The installed ``pytest-incus`` console command."""
+    path = shutil.which("pytest-incus")
+    assert path is not None, "pytest-incus is not installed (pip install -e .)"
+    return path
+
+
+def run_cli(
+    cache: Path, *args: str, input: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``pytest-incus --cache-dir CACHE ARGS...``."""
+    return subprocess.run(
+        [cli_command(), "--cache-dir", str(cache), *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=timeout,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+
+
+class InnerInstances:
+    """The instances that inner runs in ``pytester.path`` recorded with ``record()``; whatever
+    of them still exists when the test ends is removed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.caches: set[Path] = set()
+
+    def names(self) -> list[str]:
+        names_dir = self.root / "names"
+        return sorted(p.name for p in names_dir.iterdir()) if names_dir.is_dir() else []
+
+    def workers(self) -> dict[str, str]:
+        """Instance name -> the xdist worker (or "main") that launched it."""
+        return {name: (self.root / "names" / name).read_text() for name in self.names()}
+
+    def cleanup(self) -> None:
+        for cache in self.caches:
+            settings = Settings(cache_dir=cache)
+            for name in self.names():
+                if (settings.instances_dir / name).exists():
+                    registry.remove_instance(settings, name, "container")
+
+
+# Plugins of this machine's Python that only slow every inner run down.
+QUIET_PLUGINS = ["-p", "no:hypothesispytest", "-p", "no:benchmark"]
+
+
+def cache_args(cache: Path) -> list[str]:
+    """Arguments of an inner run on the cache ``cache``."""
+    return [f"--incus-cache-dir={cache}", "-p", "no:cacheprovider", *QUIET_PLUGINS]

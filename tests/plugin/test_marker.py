@@ -1,0 +1,121 @@
+"""The instance marker: checked at collection, and lists parametrize with SPEC's ids."""
+
+from __future__ import annotations
+
+import pytest
+from plugin_helpers import INNER_HEADER, InnerInstances
+
+
+@pytest.mark.parametrize(
+    ("marker", "expected"),
+    [
+        ('kind="container", image="busybox", colour="red"', "unknown option colour='red'"),
+        ('image="busybox", cpus="2"', "option cpus='2' has the wrong type"),
+        ('image="busybox", privileged=1', "option privileged=1 has the wrong type"),
+        ('kind="jail", image="busybox"', "unknown kind 'jail'"),
+        (
+            '"container", "busybox"',
+            "keyword arguments only, got positional ('container', 'busybox')",
+        ),
+        (
+            'image="busybox", kernel="/boot/vmlinuz"',
+            "option kernel= does not apply to kind='container'",
+        ),
+        ('image="debian/99"', "unknown Debian release in image 'debian/99'"),
+    ],
+)
+def test_bad_marker_stops_the_run_with_one_line(
+    pytester: pytest.Pytester, args: list[str], marker: str, expected: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        def test_fine():
+            pass
+
+        @pytest.mark.instance({marker})
+        def test_bad(instance):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(*args, timeout=120)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [line for line in result.stderr.lines if line.strip()]
+    assert len(errors) == 1, result.stderr.str()
+    assert errors[0].startswith("ERROR: test_bad_marker_stops_the_run_with_one_line.py::test_bad: ")
+    assert expected in errors[0]
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+    result.assert_outcomes()  # nothing ran, not even the good test
+
+
+def test_bad_marker_also_stops_a_run_that_does_not_use_instance(
+    pytester: pytest.Pytester, args: list[str]
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.instance(image="busybox", memory="lots")
+        def test_bad():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(*args, timeout=120)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: *::test_bad: option memory='lots' is not a size*"])
+
+
+MATRIX = (
+    INNER_HEADER
+    + """
+@pytest.mark.instance(kind=["container", "vm"], image=["busybox", "debian/12"])
+def test_matrix(instance):
+    record(instance)
+    assert instance.kind == "container" and instance.image == "busybox"
+    assert "BusyBox" in instance.exec("cat /etc/os-release").stdout
+"""
+)
+
+
+def test_lists_parametrize_with_spec_ids(pytester: pytest.Pytester, args: list[str]) -> None:
+    pytester.makepyfile(test_matrix=MATRIX)
+    result = pytester.runpytest_subprocess(*args, "--collect-only", "-q", timeout=120)
+    assert result.ret == pytest.ExitCode.OK
+    ids = [line for line in result.outlines if line.startswith("test_matrix.py::")]
+    assert ids == [
+        "test_matrix.py::test_matrix[container-busybox]",
+        "test_matrix.py::test_matrix[container-debian-12]",
+        "test_matrix.py::test_matrix[vm-busybox]",
+        "test_matrix.py::test_matrix[vm-debian-12]",
+    ]
+
+
+def test_k_selects_by_id(
+    pytester: pytest.Pytester, args: list[str], inner_instances: InnerInstances
+) -> None:
+    pytester.makepyfile(test_matrix=MATRIX)
+    result = pytester.runpytest_subprocess(*args, "-k", "container-busybox", timeout=120)
+    result.assert_outcomes(passed=1, deselected=3)
+    assert len(inner_instances.names()) == 1
+
+
+def test_kind_that_cannot_run_errors_at_setup(
+    pytester: pytest.Pytester, args: list[str], inner_instances: InnerInstances
+) -> None:
+    pytester.makepyfile(test_matrix=MATRIX)
+    result = pytester.runpytest_subprocess(*args, "-k", "busybox", timeout=120)
+    result.assert_outcomes(passed=1, errors=1, deselected=2)
+    result.stdout.fnmatch_lines(["ERROR test_matrix.py::test_matrix[[]vm-busybox[]] - *"])
+    result.stdout.re_match_lines([r".*UnavailableError: kind='vm' .*not implemented yet"])
+
+
+def test_kind_that_cannot_run_is_skipped_on_request(
+    pytester: pytest.Pytester, args: list[str], inner_instances: InnerInstances
+) -> None:
+    pytester.makepyfile(test_matrix=MATRIX)
+    result = pytester.runpytest_subprocess(
+        *args, "-k", "busybox", "--incus-skip-unavailable", "-rs", timeout=120
+    )
+    result.assert_outcomes(passed=1, skipped=1, deselected=2)
+    result.stdout.fnmatch_lines(["SKIPPED *kind='vm' cannot run here: *not implemented yet*"])

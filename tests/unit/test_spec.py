@@ -1,0 +1,161 @@
+"""InstanceSpec.parse and instance_id: the checks behind the marker and launch()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_incus import IncusError
+from pytest_incus.errors import ConfigError
+from pytest_incus.spec import InstanceSpec, instance_id, parse_memory
+
+
+def parse(kind: Any = "container", image: Any = "busybox", **options: Any) -> InstanceSpec:
+    return InstanceSpec.parse(kind, image, options, where="test_x")
+
+
+def test_defaults() -> None:
+    spec = parse()
+    assert (spec.kind, spec.image, spec.privileged, spec.network) == (
+        "container",
+        "busybox",
+        False,
+        "none",
+    )
+    assert spec.cpus is None and spec.memory is None and spec.name is None
+
+
+def test_config_error_is_an_incus_error_and_a_usage_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(colour="red")
+    assert isinstance(info.value, IncusError)
+    assert isinstance(info.value, pytest.UsageError)
+
+
+def test_unknown_option_names_the_test_and_the_option() -> None:
+    with pytest.raises(ConfigError, match=r"^test_x: unknown option colour='red'; known options"):
+        parse(colour="red")
+
+
+def test_unknown_kind() -> None:
+    with pytest.raises(ConfigError, match=r"test_x: unknown kind 'jail'"):
+        parse(kind="jail")
+
+
+@pytest.mark.parametrize("image", ["", None, 12, ["busybox"]])
+def test_image_must_be_a_non_empty_str(image: Any) -> None:
+    with pytest.raises(ConfigError, match="image must be a non-empty str"):
+        parse(image=image)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("cpus", "2"),
+        ("cpus", 1.5),
+        ("memory", 1.5),
+        ("privileged", "yes"),
+        ("privileged", 1),
+        ("env", ["A=1"]),
+        ("network", None),
+        ("boot_timeout", "10"),
+        ("name", 7),
+    ],
+)
+def test_wrong_type(option: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=rf"test_x: option {option}=.* has the wrong type"):
+        parse(**{option: value})
+
+
+@pytest.mark.parametrize("option", ["cpus", "memory", "boot_timeout"])
+def test_a_bool_is_not_a_number(option: str) -> None:
+    with pytest.raises(ConfigError, match=rf"option {option}=True has the wrong type"):
+        parse(**{option: True})
+
+
+def test_option_of_another_kind() -> None:
+    with pytest.raises(ConfigError, match=r"option kernel= does not apply to kind='container'"):
+        parse(kernel="/boot/vmlinuz")
+    with pytest.raises(ConfigError, match=r"option command= does not apply to kind='container'"):
+        parse(command=["sh"])
+    with pytest.raises(ConfigError, match=r"option privileged= does not apply to kind='vm'"):
+        parse(kind="vm", privileged=True)
+
+
+def test_options_of_their_kind_are_kept() -> None:
+    vm = parse(kind="vm", kernel=Path("/boot/vmlinuz"), init="agent", kernel_args="quiet")
+    assert (vm.kernel, vm.init, vm.kernel_args) == ("/boot/vmlinuz", "agent", "quiet")
+    app = parse(kind="app", command=["sh", "-c", "true"], env={"A": "1"})
+    assert app.command == ("sh", "-c", "true") and app.env == {"A": "1"}
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("512MiB", 512 * 1024**2),
+        ("1GiB", 1024**3),
+        ("1.5G", 1_500_000_000),
+        ("64 kib", 64 * 1024),
+        ("100", 100),
+        (4096, 4096),
+    ],
+)
+def test_memory_sizes(text: str | int, size: int) -> None:
+    assert parse_memory(text) == size
+    assert parse(memory=text).memory == size
+
+
+@pytest.mark.parametrize("text", ["lots", "1TiB", "-1GiB", "0", "0MiB", "1 2 GiB", 0, -5])
+def test_bad_memory_sizes(text: str | int) -> None:
+    with pytest.raises(ConfigError, match=r"option memory=.* (is not a size|has the wrong)"):
+        parse(memory=text)
+
+
+def test_values_out_of_range() -> None:
+    with pytest.raises(ConfigError, match="option cpus=0 must be at least 1"):
+        parse(cpus=0)
+    with pytest.raises(ConfigError, match="boot_timeout=0 must be positive"):
+        parse(boot_timeout=0)
+    with pytest.raises(ConfigError, match="network='wifi'"):
+        parse(network="wifi")
+    with pytest.raises(ConfigError, match="init='sysv'"):
+        parse(kind="vm", init="sysv")
+    with pytest.raises(ConfigError, match=r"command=.* non-empty list of str"):
+        parse(kind="app", command=[])
+
+
+def test_env_and_mounts_map_str_to_str(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="option env= must map str to str"):
+        parse(env={"A": 1})
+    with pytest.raises(ConfigError, match="instance path 'mnt' must be absolute"):
+        parse(mounts={str(tmp_path): "mnt"})
+    with pytest.raises(ConfigError, match=r"host path .* does not exist"):
+        parse(mounts={str(tmp_path / "nope"): "/mnt"})
+    assert parse(mounts={str(tmp_path): "/mnt"}).mounts == {str(tmp_path): "/mnt"}
+
+
+@pytest.mark.parametrize("name", ["web", "a", "web-1", "W2", "a" * 63])
+def test_good_names(name: str) -> None:
+    assert parse(name=name).name == name
+
+
+@pytest.mark.parametrize("name", ["", "1web", "-web", "web_1", "web.1", "we b", "a" * 64])
+def test_bad_names(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"option name=.*starting with a letter"):
+        parse(name=name)
+
+
+@pytest.mark.parametrize(
+    ("kind", "image", "expected"),
+    [
+        ("container", "busybox", "container-busybox"),
+        ("container", "debian/12", "container-debian-12"),
+        ("vm", "debian/bookworm", "vm-debian-bookworm"),
+        ("container", "images:alpine/3.20", "container-images-alpine-3.20"),
+        ("app", "docker://host/name:tag", "app-docker---host-name-tag"),
+    ],
+)
+def test_instance_id(kind: str, image: str, expected: str) -> None:
+    assert instance_id(kind, image) == expected
