@@ -55,13 +55,13 @@ def remove_tree(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
-    """Write ``path`` so that readers see the old content or the whole new one."""
+    """Write ``path`` so that readers see the old content or the whole new one.
+
+    No fsync: the cache guards against killed processes, not against power loss."""
     raw = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
     os.chmod(tmp, mode)
     os.replace(tmp, path)
 

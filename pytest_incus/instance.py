@@ -33,7 +33,7 @@ class FileInfo:
     _stats: tuple[Stat, Stat] | None
 
     def _followed(self) -> Stat:
-        if self._stats is None:
+        if self._stats is None or not self.exists:  # missing, or a dangling symlink
             raise FileNotFoundError(2, f"no such file in {self._instance.name}", self.path)
         return self._stats[1]
 

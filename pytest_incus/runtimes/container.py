@@ -12,6 +12,7 @@ namespaces (see ``inside.py``), so paths always resolve inside the container.
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import json
 import logging
@@ -79,6 +80,7 @@ def unprivileged_unavailable() -> str | None:
     return None
 
 
+@functools.cache
 def _hook_path(cache_dir: Path) -> Path:
     """The rootfs check hook, copied into the cache: an unprivileged container's hook runs as
     its root (a high uid on the host), which may not reach the installed package."""
@@ -195,7 +197,7 @@ class Container:
             f"lxc.uts.name = {self.name}",
             f"lxc.rootfs.path = overlay:{rootfs}",
             "lxc.net.0.type = empty",
-            "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed",
+            "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed:force",
             "lxc.autodev = 1",
             "lxc.tty.max = 0",
             "lxc.pty.max = 16",
@@ -238,7 +240,9 @@ class Container:
     def start(self) -> None:
         """Start, then wait until init has finished booting."""
         deadline = time.monotonic() + self.spec.boot_timeout
+        # liblxc makes the container's cgroups next to ours: record where, before they exist
         home = cgroups.own()
+        fsutil.write_atomic(self.directory / "cgroups.json", json.dumps([str(p) for p in home]))
         try:
             # close_fds: a monitor that inherits our fds lingers after the container stops
             started = self._c.start(close_fds=True)
@@ -246,13 +250,23 @@ class Container:
             cgroups.move_self(home)
         if not started:
             raise self._start_error("liblxc could not start the container")
-        self._record_cgroups()
         if self.image.init == "systemd":
             self._wait_systemd(deadline)
+        elif self.image.init != "busybox":
+            self._check_exec_works()
 
-    def _record_cgroups(self) -> None:
-        parents = cgroups.parents_of(self._c.init_pid)
-        fsutil.write_atomic(self.directory / "cgroups.json", json.dumps(parents))
+    def _check_exec_works(self) -> None:
+        """For an init we know nothing of: ready at once, but only if it still runs and a
+        command can be attached (an init that exits at once leaves a stopped container)."""
+        request = ExecRequest(("true",), {}, "/", None, None, 10.0)
+        try:
+            self.exec(request)
+        except IncusError as exc:
+            raise self._start_error(
+                f"no command can run in it ({exc}); is its /sbin/init a working init?"
+            ) from exc
+        if not self._c.running:
+            raise self._start_error("its init exited at once; is its /sbin/init a working init?")
 
     def _wait_systemd(self, deadline: float) -> None:
         request = ExecRequest(
@@ -285,9 +299,15 @@ class Container:
         lxc_log = tail(_read(self.directory / "lxc.log"))
         if lxc_log:
             error.add_note("liblxc log:\n" + lxc_log)
+        if "Failed to run mount hooks" in lxc_log:
+            # the hook's own words are logged by liblxc only at INFO level
+            error.add_note(
+                "the rootfs check (lxc.hook.mount verify-rootfs) refused to start the "
+                "container: what would have become its / was not this instance's own overlay "
+                "(or could not be verified), so nothing ran"
+            )
         console = tail(self.logs())
-        if console:
-            error.add_note("console log:\n" + console)
+        error.add_note("console log:\n" + (console or "(empty: init printed nothing yet)"))
         return error
 
     def running(self) -> bool:
@@ -315,6 +335,8 @@ class Container:
             if c.running:
                 c.stop()
                 c.wait("STOPPED", STOP_GRACE)
+        # after a failed start the monitor is still cleaning up when liblxc returns
+        _end_monitor(name, directory.parent)
         leftover = cgroups.remove(name, _recorded_cgroups(directory))
         if leftover:
             log.warning("cgroups of container %s could not be removed: %s", name, leftover)
@@ -416,6 +438,33 @@ class Container:
     def get_archive(self, path: str) -> bytes:
         """A tar of ``path`` inside (see ``inside.op_get``)."""
         return self._operation("get", path)
+
+
+def _monitor_pids(name: str, lxcpath: Path) -> list[int]:
+    """Host pids of the LXC monitor of container ``name`` ("[lxc monitor] LXCPATH NAME")."""
+    wanted = f"[lxc monitor] {lxcpath} {name}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.replace(b"\0", b" ").strip() == wanted:
+                pids.append(int(entry))
+    return pids
+
+
+def _end_monitor(name: str, lxcpath: Path) -> None:
+    """Wait for the monitor of a stopped container to exit; kill it past STOP_GRACE."""
+    deadline = time.monotonic() + STOP_GRACE
+    while pids := _monitor_pids(name, lxcpath):
+        if time.monotonic() > deadline:
+            log.warning("LXC monitor of %s did not exit; killing %s", name, pids)
+            for pid in pids:
+                process.kill_tree(pid)
+            return
+        time.sleep(0.005)
 
 
 def _read(path: Path) -> str:

@@ -9,11 +9,13 @@ a successful exec leaves it empty); file data flows over fds 0 and 1.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import tarfile
 from collections.abc import Callable
@@ -58,6 +60,19 @@ def _groups_of(name: str, gid: int) -> list[int]:
     return sorted(groups)
 
 
+def _clean_process(status_fd: int) -> None:
+    """Give the command what a fresh process has, not what the forked pytest had: no fds but
+    0, 1, 2 (and the close-on-exec status fd), default signal dispositions (Python ignores
+    SIGPIPE, and ``yes | head`` would then never end) and an empty signal mask."""
+    os.closerange(3, status_fd)
+    os.closerange(status_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
 def run_command(
     payload: tuple[list[str], dict[str, str], str | None, str | int | None, int],
 ) -> int:
@@ -65,6 +80,7 @@ def run_command(
     a timeout can kill its process group)."""
     argv, env, cwd, user, status_fd = payload
     try:
+        _clean_process(status_fd)
         os.setsid()
         fields = _passwd_entry(0 if user is None else user)
         name, uid, gid, home, shell = (
@@ -171,6 +187,12 @@ def op_sha256(path: str) -> None:
     os.write(1, digest.hexdigest().encode())
 
 
+def _keep_mode(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's "tar" filter (nothing outside ``dest``), but with the mode as pushed: that
+    filter drops setuid, setgid, sticky and group/other write bits, which ``mode=`` may set."""
+    return tarfile.tar_filter(member, dest).replace(mode=member.mode, deep=False)
+
+
 def op_put(dest: str, is_tree: bool) -> None:
     """Unpack the tar on stdin: a tree into directory ``dest`` (merged), or its one file as
     ``dest`` (into ``dest`` if that is a directory)."""
@@ -189,7 +211,7 @@ def op_put(dest: str, is_tree: bool) -> None:
                 _makedirs(target_dir)
                 if os.path.lexists(dest) and not os.path.isdir(dest):
                     os.unlink(dest)
-            tar.extract(member, target_dir, numeric_owner=True, filter="tar")
+            tar.extract(member, target_dir, numeric_owner=True, filter=_keep_mode)
 
 
 def op_get(path: str) -> None:

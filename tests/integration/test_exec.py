@@ -102,9 +102,7 @@ def test_input_as_str_and_bytes(instance: Instance) -> None:
 @pytest.mark.parametrize(
     "cmd", [["pti-no-such-program", "arg"], ["/pti/no/such/program"], "pti-no-such-program arg"]
 )
-def test_missing_program_exits_127_with_a_message(
-    instance: Instance, cmd: str | list[str]
-) -> None:
+def test_missing_program_exits_127_with_a_message(instance: Instance, cmd: str | list[str]) -> None:
     r = instance.exec(cmd)
     assert r.exit_code == 127
     assert not r.ok
@@ -145,6 +143,29 @@ def test_exec_result_fields(instance: Instance) -> None:
     assert (failed.exit_code, failed.ok) == (1, False)
     killed = instance.exec("kill -9 $$")
     assert killed.exit_code == 128 + 9
+
+
+@BUSYBOX
+def test_command_starts_clean_of_pytests_fds_and_signals(instance: Instance) -> None:
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)  # an fd of the test process that a fork would inherit
+    try:
+        listing = instance.exec(["ls", "-l", "/proc/self/fd/"]).stdout
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    # ls's own directory fd is gone by the time its link is read: it shows no "->"
+    fds = [line.split(" -> ")[0].split()[-1] for line in listing.splitlines() if " -> " in line]
+    assert sorted(fds) == ["0", "1", "2"], listing
+    status = instance.exec(["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"]).stdout
+    fields = dict(zip(status.split()[::2], status.split()[1::2], strict=True))
+    assert int(fields["SigBlk:"], 16) == 0, status
+    # the standard signals (1-31) are back to their defaults; glibc reserves 32 and 33 for its
+    # own use, and what a parent (make, say) left on them is beyond a program's reach
+    assert int(fields["SigIgn:"], 16) & 0x7FFFFFFF == 0, status
+    # with SIGPIPE ignored (as Python has it) busybox's yes would run forever here
+    r = instance.exec("yes abcdefgh | head -c 100 | wc -c", timeout=10)
+    assert r.stdout.strip() == "100"
 
 
 # A command that leaves processes of every sort behind when it is killed: background children

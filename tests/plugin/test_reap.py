@@ -62,10 +62,12 @@ class HeldRun:
         return ready.read_text()
 
     def output(self) -> str:
+        """What the inner run printed so far."""
         self.log.flush()
         return (self.root / "inner.log").read_text(errors="replace")
 
     def stop(self) -> None:
+        """Kill the inner run if it still runs."""
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)

@@ -41,6 +41,6 @@ def test_four_workers_build_debian_once(
 
     workers = inner_instances.workers()
     assert len(workers) == 40
-    assert set(workers.values()) == {"gw0", "gw1", "gw2", "gw3"}  # all four raced for it
+    assert set(workers.values()) == {"gw0", "gw1", "gw2", "gw3"}  # every worker used the one build
     for name in workers:
         assert registry.leftovers(settings, name) == []
