@@ -210,14 +210,7 @@ class RawContainer:
     def delete(self) -> None:
         """Stop it and remove its cgroups and directory, as the plugin does for its own."""
         try:
-            recorded: list[str] = []
-            if self.c is not None and self.c.running:
-                recorded = cgroups.parents_of(self.c.init_pid)
-                self.c.stop()
-                self.c.wait("STOPPED", 5)
-            leftover = cgroups.remove(self.name, recorded)
-            if leftover:
-                print(f"warning: cgroups of {self.name} remain: {leftover}", file=sys.stderr)
+            Container.teardown(self.name, self.directory)
         finally:
             fsutil.remove_tree(self.directory)
 

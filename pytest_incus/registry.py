@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import filelock
 
 from pytest_incus import fsutil
 from pytest_incus.ownership import Owner
-from pytest_incus.runtimes import cgroups, get_runtime
+from pytest_incus.runtimes import cgroups, get_runtime, process
 from pytest_incus.settings import Settings
 
 log = logging.getLogger("pytest_incus")
@@ -154,15 +153,10 @@ def leftovers(settings: Settings, name: str) -> list[str]:
     if directory.exists():
         found.append(f"directory {directory}")
     found += [f"mount {m}" for m in fsutil.mounts_below(directory)] if directory.exists() else []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            # an LXC monitor is "[lxc monitor] <lxcpath> <name>"
-            monitor = f"{settings.instances_dir} {name}".encode()
-            if (monitor in cmdline or str(directory).encode() in cmdline) and b"lxc" in cmdline:
-                found.append(f"process {entry}: {cmdline.decode(errors='replace').strip()}")
+    # an LXC monitor is "[lxc monitor] <lxcpath> <name>"
+    monitor = f"{settings.instances_dir} {name}"
+    for pid, cmdline in process.cmdlines():
+        if (monitor in cmdline or str(directory) in cmdline) and "lxc" in cmdline:
+            found.append(f"process {pid}: {cmdline}")
     found += [f"cgroup {p}" for p in cgroups.leftovers(name, [])]
     return found

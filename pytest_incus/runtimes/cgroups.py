@@ -95,17 +95,6 @@ def move_self(paths: list[Path]) -> None:
             (path / "cgroup.procs").write_text(str(os.getpid()))
 
 
-def parents_of(pid: int) -> list[str]:
-    """Directories that hold the ``lxc.payload.*`` cgroup of container init ``pid``."""
-    parents = set()
-    for path in _own_paths(pid):
-        for parent in (path, *path.parents):
-            if parent.name.startswith("lxc.payload."):
-                parents.add(str(parent.parent))
-                break
-    return sorted(parents)
-
-
 def candidate_parents(recorded: list[str]) -> list[Path]:
     """Where to look for a container's cgroups: recorded parents, ours, and each root."""
     seen: dict[str, Path] = {}

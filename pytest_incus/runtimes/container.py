@@ -442,17 +442,8 @@ class Container:
 
 def _monitor_pids(name: str, lxcpath: Path) -> list[int]:
     """Host pids of the LXC monitor of container ``name`` ("[lxc monitor] LXCPATH NAME")."""
-    wanted = f"[lxc monitor] {lxcpath} {name}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.replace(b"\0", b" ").strip() == wanted:
-                pids.append(int(entry))
-    return pids
+    wanted = f"[lxc monitor] {lxcpath} {name}"
+    return [pid for pid, cmdline in process.cmdlines() if cmdline == wanted]
 
 
 def _end_monitor(name: str, lxcpath: Path) -> None:

@@ -60,12 +60,19 @@ def _groups_of(name: str, gid: int) -> list[int]:
     return sorted(groups)
 
 
+def _close_inherited_fds(status_fd: int) -> None:
+    """Close every fd but 0, 1, 2 and ``status_fd``: we are a fork of the caller and hold
+    copies of all its fds, our own stdin's write end among them (stdin would never reach end
+    of file) and the pipes of other instances."""
+    os.closerange(3, status_fd)
+    os.closerange(status_fd + 1, os.sysconf("SC_OPEN_MAX"))
+
+
 def _clean_process(status_fd: int) -> None:
     """Give the command what a fresh process has, not what the forked pytest had: no fds but
     0, 1, 2 (and the close-on-exec status fd), default signal dispositions (Python ignores
     SIGPIPE, and ``yes | head`` would then never end) and an empty signal mask."""
-    os.closerange(3, status_fd)
-    os.closerange(status_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    _close_inherited_fds(status_fd)
     for sig in signal.valid_signals():
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
             with contextlib.suppress(OSError, ValueError):
@@ -248,10 +255,7 @@ OPERATIONS: dict[str, Callable[..., None]] = {
 def run_operation(payload: tuple[str, tuple[Any, ...], int]) -> int:
     """Run one file operation as root inside; errors go to the status fd as JSON."""
     name, args, status_fd = payload
-    # we are a fork of the caller and hold copies of all its fds, our own stdin's write end
-    # among them: close them all, or stdin would never reach end of file
-    os.closerange(3, status_fd)
-    os.closerange(status_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    _close_inherited_fds(status_fd)
     try:
         OPERATIONS[name](*args)
     except OSError as exc:

@@ -14,7 +14,9 @@ import os
 import selectors
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -34,36 +36,37 @@ class Outcome:
     _chunks: dict[int, list[bytes]] = field(default_factory=dict)
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def _process_group(pgid: int) -> list[int]:
-    members = []
+def _process_table() -> dict[int, tuple[int, int]]:
+    """Every process on the host: pid -> (parent pid, process group), in one pass of /proc."""
+    table = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            with (
-                contextlib.suppress(OSError, IndexError, ValueError),
-                open(f"/proc/{entry}/stat") as f,
-            ):
-                if int(f.read().rsplit(")", 1)[1].split()[3]) == pgid:
-                    members.append(int(entry))
-    return members
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # the command name may hold spaces and parentheses: split after its last ')'
+                    fields = f.read().rsplit(")", 1)[1].split()
+                table[int(entry)] = (int(fields[1]), int(fields[3]))
+            except (OSError, IndexError, ValueError):
+                continue
+    return table
 
 
-def descendants(pid: int) -> list[int]:
+def cmdlines() -> Iterator[tuple[int, str]]:
+    """(pid, command line with its arguments joined by spaces) of every host process."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                raw = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            yield int(entry), raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> list[int]:
     """Every live descendant of ``pid`` (host pids)."""
-    children = _children_map()
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in (table or _process_table()).items():
+        children.setdefault(parent, []).append(child)
     found, todo = [], list(children.get(pid, []))
     while todo:
         child = todo.pop()
@@ -75,7 +78,9 @@ def descendants(pid: int) -> list[int]:
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid``, its process group and all its descendants, until none is left."""
     for _ in range(KILL_ROUNDS):
-        targets = set(descendants(pid)) | set(_process_group(pid))
+        table = _process_table()
+        group = {member for member, (_, pgid) in table.items() if pgid == pid}
+        targets = set(descendants(pid, table)) | group
         if not targets:
             break
         for target in targets:
