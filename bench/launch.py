@@ -14,9 +14,8 @@ raw liblxc
     the same container without the plugin around it: the same uid-shifted image rootfs from
     the cache, the same overlay, the same config file (written by the plugin's own config code,
     with its verify-rootfs mount hook and unprivileged idmap), then
-    ``lxc.Container(name, lxcpath).start(close_fds=True)`` and
-    ``attach_wait(lxc.attach_run_command, ...)``. The caller's cgroups are restored after the
-    start, as the plugin does (liblxc moves the caller into ``lxc.monitor.<name>``).
+    ``lxc-start`` (liblxc's own start command; the plugin starts containers the same way) and
+    ``attach_wait(lxc.attach_run_command, ...)`` for every exec.
 incus
     ``incus launch`` / ``incus exec`` of the same (unshifted) rootfs imported as an Incus image,
     through ``bench/incus_baseline.py``; skipped, saying why, when Incus cannot run here.
@@ -43,6 +42,7 @@ import json
 import os
 import secrets
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,7 +58,6 @@ from pytest_incus.factory import InstanceFactory
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.instance import Instance
 from pytest_incus.ownership import Owner
-from pytest_incus.runtimes import cgroups
 from pytest_incus.runtimes.container import ID_BASE, READY_POLL, Container, _hook_path
 from pytest_incus.settings import Settings, default_cache_dir
 from pytest_incus.spec import InstanceSpec
@@ -166,12 +165,13 @@ class RawContainer:
         got = self.c.get_config_item("lxc.rootfs.path")
         if got not in (expected, expected.removeprefix("overlay:")):
             raise IncusError(f"{self.name}: LXC read rootfs {got!r}, expected {expected!r}")
-        home = cgroups.own()
-        try:
-            started = self.c.start(close_fds=True)
-        finally:
-            cgroups.move_self(home)
-        if not started:
+        started = subprocess.run(
+            ["lxc-start", "--name", self.name, "--lxcpath", str(self.settings.instances_dir)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )
+        if started.returncode != 0:
             raise IncusError(f"raw liblxc could not start {self.name}; see {self.directory}")
         if self.lower.init == "systemd":
             self._wait_systemd(deadline)

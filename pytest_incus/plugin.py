@@ -16,6 +16,7 @@ from pytest_incus.fixtures import image_store, instance, instance_factory, insta
 from pytest_incus.images.store import ImageStore
 from pytest_incus.instance import Instance
 from pytest_incus.settings import (
+    ACCEL_CHOICES,
     DEFAULT_EXEC_TIMEOUT,
     DEFAULT_IMAGE,
     DEFAULT_KIND,
@@ -69,6 +70,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"Debian mirror for debian/<release> images (default {DEFAULT_MIRROR})",
     )
     group.addoption(
+        "--incus-accel",
+        choices=ACCEL_CHOICES,
+        default=None,
+        help="VM acceleration: auto (default: use KVM if it really runs a guest, else TCG), "
+        "kvm or tcg",
+    )
+    group.addoption(
         "--incus-skip-unavailable",
         action="store_true",
         default=None,
@@ -92,6 +100,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("incus_keep", "ini form of --incus-keep", default="never")
     parser.addini("incus_cache_dir", "ini form of --incus-cache-dir", default="")
     parser.addini("incus_mirror", "ini form of --incus-mirror", default=DEFAULT_MIRROR)
+    parser.addini("incus_accel", "ini form of --incus-accel", default="auto")
     parser.addini(
         "incus_skip_unavailable", "ini form of --incus-skip-unavailable", type="bool", default=False
     )
@@ -118,6 +127,7 @@ def _settings(config: pytest.Config) -> Settings:
         default_kind=config.getini("incus_default_kind"),
         keep=option("incus_keep", "incus_keep"),
         skip_unavailable=bool(option("incus_skip_unavailable", "incus_skip_unavailable")),
+        accel=option("incus_accel", "incus_accel"),
     )
 
 

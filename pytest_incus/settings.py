@@ -13,6 +13,7 @@ DEFAULT_IMAGE = "debian/12"
 DEFAULT_KIND = "container"
 DEFAULT_EXEC_TIMEOUT = 600.0
 KEEP_CHOICES = ("never", "failed", "always")
+ACCEL_CHOICES = ("auto", "kvm", "tcg")
 CACHE_ENV = "PYTEST_INCUS_CACHE_DIR"
 
 
@@ -36,6 +37,7 @@ class Settings:
     default_kind: str = DEFAULT_KIND
     keep: str = "never"
     skip_unavailable: bool = False
+    accel: str = "auto"  # VMs: "kvm", "tcg", or "auto" (probe that KVM really runs a guest)
 
     def __post_init__(self) -> None:
         path = str(self.cache_dir)
@@ -46,6 +48,10 @@ class Settings:
             )
         if self.keep not in KEEP_CHOICES:
             raise ConfigError(f"--incus-keep={self.keep!r}; use one of {', '.join(KEEP_CHOICES)}")
+        if self.accel not in ACCEL_CHOICES:
+            raise ConfigError(
+                f"--incus-accel={self.accel!r}; use one of {', '.join(ACCEL_CHOICES)}"
+            )
 
     @property
     def images_dir(self) -> Path:

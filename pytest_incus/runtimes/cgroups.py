@@ -83,18 +83,6 @@ def own() -> list[Path]:
     return _own_paths(os.getpid())
 
 
-def move_self(paths: list[Path]) -> None:
-    """Move this process (all its threads) back into ``paths``.
-
-    liblxc's start moves the calling process into the new container's ``lxc.monitor.<name>``
-    cgroup; left there, our process would keep that cgroup alive after the container is gone
-    and escape the limits of its own cgroups.
-    """
-    for path in paths:
-        with contextlib.suppress(OSError):
-            (path / "cgroup.procs").write_text(str(os.getpid()))
-
-
 def candidate_parents(recorded: list[str]) -> list[Path]:
     """Where to look for a container's cgroups: recorded parents, ours, and each root."""
     seen: dict[str, Path] = {}

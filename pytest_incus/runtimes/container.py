@@ -6,8 +6,9 @@ the LXC config file ourselves and read the rootfs setting back before starting, 
 proves, before init runs, that the rootfs about to become ``/`` is that overlay (HOST hazard: a
 container without a rootfs boots on the host's ``/``).
 
-Commands and file operations run in a child that liblxc attach forks into the container's
-namespaces (see ``inside.py``), so paths always resolve inside the container.
+Commands and file operations go through an exec server that liblxc attach forks into the
+container's namespaces once (``inside.serve``, ``server.py``), so paths always resolve inside
+the container, and a command costs a spawn, not a fork of the whole calling process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from pytest_incus.errors import (
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.runtimes import cgroups, inside, process
 from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, Stat
+from pytest_incus.runtimes.server import ExecServer
 from pytest_incus.spec import InstanceSpec
 
 log = logging.getLogger("pytest_incus")
@@ -172,6 +175,7 @@ class Container:
         self._write_config(hook)
         lxc = _lxc()
         self._c = lxc.Container(name, str(directory.parent))
+        self._server = ExecServer(self._c, name, lxc.LXC_ATTACH_CLEAR_ENV)
         expected = f"overlay:{image.rootfs}:{directory / 'upper'}"
         got = self._c.get_config_item("lxc.rootfs.path")
         if got not in (expected, expected.removeprefix("overlay:")):
@@ -243,13 +247,26 @@ class Container:
         # liblxc makes the container's cgroups next to ours: record where, before they exist
         home = cgroups.own()
         fsutil.write_atomic(self.directory / "cgroups.json", json.dumps([str(p) for p in home]))
+        # Started by lxc-start, not by the bindings' start(): that one forks this whole
+        # process and (liblxc 5.0) moves the caller into the monitor's cgroup, which then has to
+        # be undone in every hierarchy; the small lxc-start process takes both costs for us.
         try:
-            # close_fds: a monitor that inherits our fds lingers after the container stops
-            started = self._c.start(close_fds=True)
-        finally:
-            cgroups.move_self(home)
-        if not started:
-            raise self._start_error("liblxc could not start the container")
+            result = subprocess.run(
+                ["lxc-start", "--name", self.name, "--lxcpath", str(self.directory.parent)],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=max(1.0, deadline - time.monotonic()),
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise self._start_error(
+                f"lxc-start did not return within boot_timeout={self.spec.boot_timeout}s"
+            ) from None
+        if result.returncode != 0:
+            error = self._start_error("liblxc could not start the container")
+            if output := result.stderr.decode(errors="replace").strip():
+                error.add_note("lxc-start said:\n" + tail(output))
+            raise error
         if self.image.init == "systemd":
             self._wait_systemd(deadline)
         elif self.image.init != "busybox":
@@ -320,10 +337,12 @@ class Container:
             if force or not self._c.shutdown(max(1, round(timeout))):
                 self._c.stop()
             self._c.wait("STOPPED", STOP_GRACE)
+        self._server.close()
         cgroups.remove(self.name, _recorded_cgroups(self.directory))
 
     def destroy(self) -> None:
         """Kill the container and remove its cgroups (the directory goes with the caller)."""
+        self._server.close()
         self.teardown(self.name, self.directory)
 
     @staticmethod
@@ -347,45 +366,29 @@ class Container:
 
     # -- running things inside -----------------------------------------------------------
 
-    def _attach(
-        self, fn: Any, payload: Any, request_input: bytes | None, timeout: float | None, what: str
-    ) -> process.Outcome:
-        lxc = _lxc()
-        with process.Pipes() as pipes:
-            pid = self._c.attach(
-                fn,
-                (*payload, pipes.status_w),
-                env_policy=lxc.LXC_ATTACH_CLEAR_ENV,
-                stdin=pipes.stdin_r,
-                stdout=pipes.stdout_w,
-                stderr=pipes.stderr_w,
-            )
-            if pid < 0:
-                raise IncusError(
-                    f"container {self.name}: liblxc could not attach to run {what}; "
-                    "is the container running?"
-                )
-            return pipes.communicate(pid, request_input, timeout)
-
     def exec(self, request: ExecRequest) -> ExecResult:
-        """Run a command inside (see ``inside.run_command``)."""
+        """Run a command inside, through the container's exec server (``inside.serve``)."""
         started = time.monotonic()
-        payload = (list(request.argv), dict(request.env), request.cwd, request.user)
-        outcome = self._attach(
-            inside.run_command, payload, request.input, request.timeout, repr(list(request.argv))
-        )
+        argv = list(request.argv)
+        message = {
+            "op": "exec",
+            "argv": argv,
+            "env": dict(request.env),
+            "cwd": request.cwd,
+            "user": request.user,
+        }
+        outcome = self._server.request(message, request.input, request.timeout)
         duration = time.monotonic() - started
-        if outcome.status:
+        if outcome.error:
             raise IncusError(
-                f"container {self.name}: cannot run {list(request.argv)!r}: "
-                f"{outcome.status['message']}"
+                f"container {self.name}: cannot run {argv!r}: {outcome.error['message']}"
             )
         if outcome.timed_out:
             raise ExecTimeoutError(
-                f"{list(request.argv)!r} in {self.name} ran past its timeout of "
+                f"{argv!r} in {self.name} ran past its timeout of "
                 f"{request.timeout}s and was killed with its descendants; raise timeout= "
                 "(or incus_exec_timeout) if it needs longer",
-                cmd=list(request.argv),
+                cmd=argv,
                 exit_code=outcome.exit_code,
                 stdout_bytes=outcome.stdout,
                 stderr_bytes=outcome.stderr,
@@ -394,18 +397,13 @@ class Container:
         return ExecResult(outcome.exit_code, outcome.stdout, outcome.stderr, duration)
 
     def _operation(self, name: str, *args: Any, data: bytes | None = None) -> bytes:
-        outcome = self._attach(inside.run_operation, (name, args), data, None, name)
-        if outcome.status:
-            status = outcome.status
-            if status["kind"] == "os":
-                raise OSError(status["errno"], status["message"], str(args[0]))
+        outcome = self._server.request({"op": name, "args": args}, data)
+        if outcome.error:
+            error = outcome.error
+            if error["kind"] == "os":
+                raise OSError(error["errno"], error["message"], str(args[0]))
             raise IncusError(
-                f"container {self.name}: {name} {args[0]!r} failed: {status['message']}"
-            )
-        if outcome.exit_code != 0:
-            raise IncusError(
-                f"container {self.name}: {name} {args[0]!r} failed with exit code "
-                f"{outcome.exit_code}: {outcome.stderr.decode(errors='replace')}"
+                f"container {self.name}: {name} {args[0]!r} failed: {error['message']}"
             )
         return outcome.stdout
 

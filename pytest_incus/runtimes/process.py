@@ -1,39 +1,25 @@
 """Talking to a child process over pipes with a deadline, and killing what it started.
 
-Used for the children that liblxc attach forks into a container: we feed stdin, collect stdout
-and stderr and a status pipe, and notice the child's exit through a pidfd, so a daemon that
-keeps the output pipes open cannot make us hang. Past the deadline the child, its process group
-and every descendant are killed, by pid.
+Used for the commands run inside containers: we feed stdin, collect stdout and stderr, and
+notice the child's end through its own channel, so a daemon that keeps the output pipes open
+cannot make us hang. Past the deadline the child, its process group and every descendant are
+killed, by pid.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import selectors
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Protocol
 
 _CHUNK = 1 << 16
 KILL_ROUNDS = 50
-
-
-@dataclass
-class Outcome:
-    """What a child did."""
-
-    exit_code: int = -1
-    stdout: bytes = b""
-    stderr: bytes = b""
-    status: dict[str, Any] | None = None
-    timed_out: bool = False
-    _chunks: dict[int, list[bytes]] = field(default_factory=dict)
 
 
 def _process_table() -> dict[int, tuple[int, int]]:
@@ -91,14 +77,29 @@ def kill_tree(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+class Child(Protocol):
+    """What ``Pipes.communicate`` needs of the process at the other end of the pipes."""
+
+    def fileno(self) -> int:
+        """An fd that becomes readable when there is news of the child."""
+        ...
+
+    def news(self) -> bool:
+        """Take the news; True once the child has ended (its outcome is then known)."""
+        ...
+
+    def kill(self) -> None:
+        """Kill the child and everything it started."""
+        ...
+
+
 class Pipes:
-    """The stdin, stdout, stderr and status pipes of one child."""
+    """The stdin, stdout and stderr pipes of one child."""
 
     def __init__(self) -> None:
         self.stdin_r, self.stdin_w = os.pipe()
         self.stdout_r, self.stdout_w = os.pipe()
         self.stderr_r, self.stderr_w = os.pipe()
-        self.status_r, self.status_w = os.pipe()
         self._open = {
             self.stdin_r,
             self.stdin_w,
@@ -106,9 +107,12 @@ class Pipes:
             self.stdout_w,
             self.stderr_r,
             self.stderr_w,
-            self.status_r,
-            self.status_w,
         }
+
+    @property
+    def child_ends(self) -> list[int]:
+        """The ends the child uses: stdin's read end, stdout's and stderr's write ends."""
+        return [self.stdin_r, self.stdout_w, self.stderr_w]
 
     def __enter__(self) -> Pipes:
         return self
@@ -129,39 +133,42 @@ class Pipes:
             self._open.discard(fd)
             os.close(fd)
 
-    def communicate(self, pid: int, data: bytes | None, timeout: float | None) -> Outcome:
-        """Feed ``data``, collect output until ``pid`` exits (or is killed at ``timeout``)."""
-        for fd in (self.stdin_r, self.stdout_w, self.stderr_w, self.status_w):
+    def communicate(
+        self, child: Child, data: bytes | None, timeout: float | None
+    ) -> tuple[bytes, bytes, bool]:
+        """Feed ``data`` and collect output until ``child`` ends, killing it at ``timeout``.
+
+        Returns stdout, stderr and whether it was killed at the timeout. The child's end is
+        noticed through ``child``, not through end of file: a daemon it started may hold the
+        output pipes open forever."""
+        for fd in self.child_ends:
             self._close(fd)  # the child holds its own copies
-        outcome = Outcome()
+        chunks: dict[int, list[bytes]] = {self.stdout_r: [], self.stderr_r: []}
         deadline = None if timeout is None else time.monotonic() + timeout
-        pidfd = os.pidfd_open(pid)
+        timed_out = False
         sel = selectors.DefaultSelector()
         try:
-            readers = (self.stdout_r, self.stderr_r, self.status_r)
-            for fd in readers:
+            for fd in chunks:
                 os.set_blocking(fd, False)
                 sel.register(fd, selectors.EVENT_READ)
-                outcome._chunks[fd] = []
-            sel.register(pidfd, selectors.EVENT_READ)
+            sel.register(child.fileno(), selectors.EVENT_READ)
             pending = memoryview(data or b"")
             if pending:
                 os.set_blocking(self.stdin_w, False)
                 sel.register(self.stdin_w, selectors.EVENT_WRITE)
             else:
                 self._close(self.stdin_w)
-            exited = False
-            while not exited:
+            ended = False
+            while not ended:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 events = sel.select(wait)
                 if not events and deadline is not None and time.monotonic() >= deadline:
-                    outcome.timed_out = True
-                    kill_tree(pid)
-                    break
+                    timed_out, deadline = True, None
+                    child.kill()  # then wait for the news of its end, as for any other
                 for key, _ in events:
                     fd = int(key.fd)
-                    if fd == pidfd:
-                        exited = True
+                    if fd == child.fileno():
+                        ended = child.news()
                     elif fd == self.stdin_w:
                         try:
                             pending = pending[os.write(fd, pending) :]
@@ -170,40 +177,27 @@ class Pipes:
                         if not pending:
                             sel.unregister(fd)
                             self._close(fd)
-                    elif not self._read(fd, outcome):
+                    elif not self._read(fd, chunks):
                         sel.unregister(fd)
-            # the child is gone: take what it wrote, without waiting on pipes that a
-            # background process it started may still hold open
-            for fd in readers:
-                self._read_available(fd, outcome)
-            _, status = os.waitpid(pid, 0)
         finally:
             sel.close()
-            os.close(pidfd)
-        if outcome.timed_out:
-            # a killed child's descendants are gone too: their output is complete now
-            for fd in readers:
-                self._read_available(fd, outcome)
-        outcome.stdout = b"".join(outcome._chunks[self.stdout_r])
-        outcome.stderr = b"".join(outcome._chunks[self.stderr_r])
-        raw_status = b"".join(outcome._chunks[self.status_r])
-        outcome.status = json.loads(raw_status) if raw_status else None
-        outcome.exit_code = (
-            128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        )
-        return outcome
+        # the child is gone: take what it wrote, without waiting on pipes that a background
+        # process it started may still hold open
+        for fd in chunks:
+            self._read_available(fd, chunks)
+        return b"".join(chunks[self.stdout_r]), b"".join(chunks[self.stderr_r]), timed_out
 
-    def _read(self, fd: int, outcome: Outcome) -> bool:
+    def _read(self, fd: int, chunks: dict[int, list[bytes]]) -> bool:
         try:
             chunk = os.read(fd, _CHUNK)
         except BlockingIOError:
             return True
         if chunk:
-            outcome._chunks[fd].append(chunk)
+            chunks[fd].append(chunk)
             return True
         return False
 
-    def _read_available(self, fd: int, outcome: Outcome) -> None:
+    def _read_available(self, fd: int, chunks: dict[int, list[bytes]]) -> None:
         while fd in self._open:
             try:
                 chunk = os.read(fd, _CHUNK)
@@ -211,4 +205,4 @@ class Pipes:
                 return
             if not chunk:
                 return
-            outcome._chunks[fd].append(chunk)
+            chunks[fd].append(chunk)

@@ -69,7 +69,7 @@ def test_bad_marker_also_stops_a_run_that_does_not_use_instance(
 MATRIX = (
     INNER_HEADER
     + """
-@pytest.mark.instance(kind=["container", "vm"], image=["busybox", "debian/12"])
+@pytest.mark.instance(kind=["container", "app"], image=["busybox", "debian/12"])
 def test_matrix(instance):
     record(instance)
     assert instance.kind == "container" and instance.image == "busybox"
@@ -86,8 +86,8 @@ def test_lists_parametrize_with_spec_ids(pytester: pytest.Pytester, args: list[s
     assert ids == [
         "test_matrix.py::test_matrix[container-busybox]",
         "test_matrix.py::test_matrix[container-debian-12]",
-        "test_matrix.py::test_matrix[vm-busybox]",
-        "test_matrix.py::test_matrix[vm-debian-12]",
+        "test_matrix.py::test_matrix[app-busybox]",
+        "test_matrix.py::test_matrix[app-debian-12]",
     ]
 
 
@@ -106,8 +106,8 @@ def test_kind_that_cannot_run_errors_at_setup(
     pytester.makepyfile(test_matrix=MATRIX)
     result = pytester.runpytest_subprocess(*args, "-k", "busybox", timeout=120)
     result.assert_outcomes(passed=1, errors=1, deselected=2)
-    result.stdout.fnmatch_lines(["ERROR test_matrix.py::test_matrix[[]vm-busybox[]] - *"])
-    result.stdout.re_match_lines([r".*UnavailableError: kind='vm' .*not implemented yet"])
+    result.stdout.fnmatch_lines(["ERROR test_matrix.py::test_matrix[[]app-busybox[]] - *"])
+    result.stdout.re_match_lines([r".*UnavailableError: kind='app' .*not implemented yet"])
 
 
 def test_kind_that_cannot_run_is_skipped_on_request(
@@ -118,4 +118,4 @@ def test_kind_that_cannot_run_is_skipped_on_request(
         *args, "-k", "busybox", "--incus-skip-unavailable", "-rs", timeout=120
     )
     result.assert_outcomes(passed=1, skipped=1, deselected=2)
-    result.stdout.fnmatch_lines(["SKIPPED *kind='vm' cannot run here: *not implemented yet*"])
+    result.stdout.fnmatch_lines(["SKIPPED *kind='app' cannot run here: *not implemented yet*"])
