@@ -10,11 +10,12 @@ setup:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[dev]'
 
 demo: setup
+	PYTHON=$(PYTHON) bash scripts/kernel-headers.sh
 	$(PYTHON) -m pytest examples -v -p no:cacheprovider
 
 lint: setup
-	$(PYTHON) -m ruff check pytest_incus tests examples bench
-	$(PYTHON) -m ruff format --check pytest_incus tests examples bench
+	$(PYTHON) -m ruff check pytest_incus guest_agent tests examples bench
+	$(PYTHON) -m ruff format --check pytest_incus guest_agent tests examples bench
 	$(PYTHON) -m mypy
 
 # pytest exits 5 when it ran no test: make treats that, like any failure, as an error

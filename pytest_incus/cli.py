@@ -13,7 +13,7 @@ from pytest_incus import registry
 from pytest_incus.errors import IncusError
 from pytest_incus.factory import InstanceFactory
 from pytest_incus.images.store import Image, ImageStore
-from pytest_incus.runtimes import RUNTIMES, get_runtime
+from pytest_incus.runtimes import RUNTIMES, accel, get_runtime
 from pytest_incus.runtimes.container import unprivileged_unavailable
 from pytest_incus.settings import DEFAULT_MIRROR, Settings, default_cache_dir
 
@@ -56,7 +56,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         print(f"container: cannot run: {reason}")
         problems += 1
-    for kind in ("vm", "app"):
+    problems += _doctor_vm(settings)
+    for kind in ("app",):
         if kind not in RUNTIMES:
             # a kind this version does not have yet is not a problem of this host
             print(f"{kind}: not implemented yet in this version of pytest-incus")
@@ -68,6 +69,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"{kind}: cannot run: {reason}")
             problems += 1
     return 1 if problems else 0
+
+
+def _doctor_vm(settings: Settings) -> int:
+    """Say whether VMs can run and with which accelerator (a real KVM probe); 1 if not."""
+    reason = get_runtime("vm").unavailable()
+    if reason is not None:
+        print(f"vm: cannot run: {reason}")
+        return 1
+    probe = accel.probe_kvm(settings.cache_dir / "probe")
+    if probe.works:
+        print(f"kvm: ok ({probe.detail})")
+        print("vm: ok (qemu-system-x86_64 and qemu-img present; VMs use KVM)")
+    else:
+        print(f"kvm: does not work: {probe.detail}")
+        print(
+            "vm: ok (qemu-system-x86_64 and qemu-img present; VMs run under TCG emulation, "
+            "much slower than KVM; --incus-accel=kvm would fail)"
+        )
+    return 0
 
 
 def _try_container(settings: Settings, *, privileged: bool) -> str | None:
@@ -106,11 +126,14 @@ def cmd_images(args: argparse.Namespace) -> int:
     store = ImageStore(settings, progress=_print_progress)
     if args.action == "list":
         for image in store.list():
-            shifted = f" (uid-shifted copy of {image.base})" if image.base else ""
+            made_from = ""
+            if image.base:
+                what = "VM disk made" if image.kind == "vm" else "uid-shifted copy"
+                made_from = f" ({what} from {image.base})"
             created = time.strftime("%Y-%m-%d %H:%M", time.localtime(image.created))
             print(
                 f"{image.ref:24} {image.kind:10} {_human(image.size):>9}  {created}  "
-                f"{image.path}{shifted}"
+                f"{image.path}{made_from}"
             )
         return 0
     if args.action == "build":
@@ -118,8 +141,9 @@ def cmd_images(args: argparse.Namespace) -> int:
             print("pytest-incus images build: name at least one image", file=sys.stderr)
             return 2
         for name in args.images:
-            image = store.get(name)
-            print(f"{image.ref}: {image.path} ({_human(image.size)})")
+            image = store.get(name, args.kind)
+            kernel = f", kernel {image.kernel_release}" if image.kernel_release else ""
+            print(f"{image.ref} ({image.kind}): {image.path} ({_human(image.size)}{kernel})")
         return 0
     in_use = {r.image for r in registry.records(settings)}
     keys_in_use = {img.key for img in store.list() if img.ref in in_use}
@@ -197,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     images = sub.add_parser("images", help="list, build or prune cached images")
     images.add_argument("action", choices=("list", "build", "prune"))
     images.add_argument("images", nargs="*", help="image names (build, prune)")
+    images.add_argument(
+        "--kind",
+        choices=("container", "vm"),
+        default="container",
+        help="build: the kind of instance the image is for (default container)",
+    )
     images.set_defaults(func=cmd_images)
     sub.add_parser("ls", help="instances that still exist").set_defaults(func=cmd_ls)
     shell = sub.add_parser("shell", help="a shell inside an instance")

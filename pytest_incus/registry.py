@@ -145,8 +145,8 @@ def reap(
 def leftovers(settings: Settings, name: str) -> list[str]:
     """What still exists of instance ``name`` on this host, described; empty when all gone.
 
-    Looks for its directory, mounts below it, LXC monitor or other processes naming it,
-    and cgroups in every hierarchy.
+    Looks for its directory, mounts below it, LXC monitor or other processes naming it, a QEMU
+    using its files, and cgroups in every hierarchy.
     """
     found = []
     directory = settings.instances_dir / name
@@ -156,7 +156,9 @@ def leftovers(settings: Settings, name: str) -> list[str]:
     # an LXC monitor is "[lxc monitor] <lxcpath> <name>"
     monitor = f"{settings.instances_dir} {name}"
     for pid, cmdline in process.cmdlines():
-        if (monitor in cmdline or str(directory) in cmdline) and "lxc" in cmdline:
+        lxc = (monitor in cmdline or str(directory) in cmdline) and "lxc" in cmdline
+        vm = "qemu" in cmdline and f"{directory}/" in cmdline  # a VM's disk and sockets
+        if lxc or vm:
             found.append(f"process {pid}: {cmdline}")
     found += [f"cgroup {p}" for p in cgroups.leftovers(name, [])]
     return found

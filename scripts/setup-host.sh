@@ -3,7 +3,10 @@
 # checks first. Used by `make demo` and `make test`.
 set -euo pipefail
 
-PACKAGES=(lxc lxc-dev pkg-config debootstrap busybox-static uidmap)
+# containers: liblxc and its Python bindings' build needs, debootstrap, busybox, newuidmap;
+# VMs: QEMU, qemu-img, mkfs.ext4 (e2fsprogs)
+PACKAGES=(lxc lxc-dev pkg-config debootstrap busybox-static uidmap
+          qemu-system-x86 qemu-utils e2fsprogs)
 ID_RANGE=1000000-1065535  # host ids of root..65535 inside unprivileged containers
 
 if [ "$(id -u)" -ne 0 ]; then

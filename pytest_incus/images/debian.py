@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pytest_incus.errors import ImageError
@@ -36,14 +37,29 @@ _MASKED_UNITS = (
 
 def build(release: str, rootfs: Path, mirror: str, progress: Callable[[str], None]) -> str:
     """Debootstrap Debian ``release`` (a codename) into ``rootfs``; returns its init flavour."""
+    debootstrap(release, rootfs, mirror, PACKAGES, progress, what=f"debian/{release}")
+    _tune(rootfs)
+    return "systemd"
+
+
+def debootstrap(
+    release: str,
+    rootfs: Path,
+    mirror: str,
+    packages: Sequence[str],
+    progress: Callable[[str], None],
+    *,
+    what: str,
+) -> None:
+    """Debootstrap a minbase Debian ``release`` with ``packages`` into ``rootfs``, showing
+    progress every few seconds; ImageError with its last lines if it fails. ``what`` names
+    the image in messages."""
     if shutil.which("debootstrap") is None:
-        raise ImageError(
-            f"building debian/{release} needs debootstrap: apt-get install debootstrap"
-        )
+        raise ImageError(f"building {what} needs debootstrap: apt-get install debootstrap")
     cmd = [
         "debootstrap",
         "--variant=minbase",
-        f"--include={','.join(PACKAGES)}",
+        f"--include={','.join(packages)}",
         release,
         str(rootfs),
         mirror,
@@ -52,25 +68,28 @@ def build(release: str, rootfs: Path, mirror: str, progress: Callable[[str], Non
     last_report = started
     tail: list[str] = []
     with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "LC_ALL": "C"},
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             tail = [*tail[-40:], line.rstrip()]
             now = time.monotonic()
             if now - last_report >= PROGRESS_EVERY and line.startswith("I: "):
-                progress(f"debian/{release}: {line[3:].strip()} ({now - started:.0f}s)")
+                progress(f"{what}: {line[3:].strip()} ({now - started:.0f}s)")
                 last_report = now
             if now - started > BUILD_TIMEOUT:
                 proc.kill()
         code = proc.wait()
     if code != 0:
         raise ImageError(
-            f"debootstrap of debian/{release} from {mirror} failed (exit {code}); check the mirror "
+            f"debootstrap of {what} from {mirror} failed (exit {code}); check the mirror "
             "(--incus-mirror) and the network. Its last lines:\n" + "\n".join(tail[-15:])
         )
-    _tune(rootfs)
-    return "systemd"
 
 
 def _tune(rootfs: Path) -> None:

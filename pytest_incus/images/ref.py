@@ -32,6 +32,20 @@ class ImageRef:
     release: str | None = None
     path: Path | None = None
 
+    @property
+    def vm_key(self) -> str:
+        """The cache key of this image's VM form (disk, kernel and initrd)."""
+        return f"{self.key}.vm"
+
+    @property
+    def vm_root_key(self) -> str:
+        """The cache key of the root filesystem that this image's VM form is made from."""
+        return f"{self.key}.vmroot"
+
+    def keys(self) -> set[str]:
+        """Every cache key of this image: its container, VM and VM rootfs forms."""
+        return {self.key, self.vm_key, self.vm_root_key}
+
 
 def _local_key(path: Path) -> str:
     st = path.stat()

@@ -2,7 +2,9 @@
 
 Layout below the cache directory::
 
-    images/<key>/rootfs/        the image's root filesystem
+    images/<key>/rootfs/        the image's root filesystem (containers)
+    images/<key>.vmroot/rootfs/ the root filesystem that VM images of <key> are made from
+    images/<key>.vm/disk.qcow2  a VM image: its disk, vmlinuz and initrd.img (images/vm.py)
     images/<key>/image.json     its record; written last, so it is the completion stamp
     images/<key>.lock           held while the entry is checked, built or removed
     images/builds.jsonl         one line per builder run, appended under the entry's lock
@@ -30,7 +32,7 @@ import filelock
 
 from pytest_incus import fsutil
 from pytest_incus.errors import ConfigError, ImageError
-from pytest_incus.images import busybox, debian, local, shift
+from pytest_incus.images import busybox, debian, local, shift, vm
 from pytest_incus.images.ref import ImageRef, parse_ref
 from pytest_incus.settings import Settings
 
@@ -42,6 +44,16 @@ LOCK_TIMEOUT = 3600.0
 
 Progress = Callable[[str], None]
 BuildHook = Callable[[str, Path], bool | None]
+KINDS = ("container", "vm")
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a builder reports about the entry it made (recorded in image.json)."""
+
+    init: str
+    kernel_release: str | None = None
+
 
 _counter = itertools.count()
 
@@ -57,22 +69,43 @@ class Image:
     size: int
     created: float
     init: str  # "systemd", "busybox" or "other": how readiness is decided
-    base: str | None = None  # for a uid-shifted copy, the key of the image it was made from
+    base: str | None = None  # the entry it was made from (uid-shifted copy; VM image's rootfs)
     recipe: str = ""  # version of the build steps; an entry of another recipe is rebuilt
+    kernel_release: str | None = None  # a VM image's kernel (``uname -r`` in the guest)
 
     @property
     def rootfs(self) -> Path:
-        """The image's root filesystem (the lower layer of every instance's overlay)."""
+        """A container image's root filesystem (the lower layer of every instance's overlay)."""
         return self.path / "rootfs"
+
+    @property
+    def disk(self) -> Path:
+        """A VM image's disk (qcow2, ext4 on the whole disk): the base of instance overlays."""
+        return self.path / vm.DISK
+
+    @property
+    def kernel(self) -> Path:
+        """A VM image's kernel."""
+        return self.path / vm.KERNEL
+
+    @property
+    def initrd(self) -> Path:
+        """A VM image's initramfs (loads the virtio and ext4 modules, mounts /dev/vda)."""
+        return self.path / vm.INITRD
+
+    def _complete(self) -> bool:
+        if self.kind == "vm":
+            return all(p.is_file() for p in (self.disk, self.kernel, self.initrd))
+        return self.rootfs.is_dir()
 
     @classmethod
     def load(cls, path: Path) -> Image | None:
         """The entry at ``path``, or None if it is incomplete or corrupt."""
         data = fsutil.read_json(path / RECORD)
-        if not isinstance(data, dict) or not (path / "rootfs").is_dir():
+        if not isinstance(data, dict):
             return None
         try:
-            return cls(
+            image = cls(
                 ref=data["ref"],
                 kind=data["kind"],
                 key=data["key"],
@@ -82,9 +115,11 @@ class Image:
                 init=data["init"],
                 base=data.get("base"),
                 recipe=str(data.get("recipe", "")),
+                kernel_release=data.get("kernel_release"),
             )
         except (KeyError, TypeError, ValueError):
             return None
+        return image if image._complete() else None
 
 
 class ImageStore:
@@ -103,17 +138,21 @@ class ImageStore:
     ) -> None:
         self.settings = settings
         self._build_hook = build_hook
-        self._progress = progress or log.info
+        self.progress: Progress = progress or log.info
+        """Shows a line to the user (pytest's terminal writer under pytest)."""
         self._seen: dict[str, Image] = {}
 
     # -- public API ------------------------------------------------------------------------
 
     def get(self, image: str, kind: str = "container") -> Image:
-        """Ensure ``image`` is cached for ``kind`` and return it, building it if needed."""
-        if kind != "container":
+        """Ensure ``image`` is cached for ``kind`` and return it, building it if needed.
+
+        A ``kind="vm"`` image (only ``debian/<release>``) is a disk, a kernel and an initrd.
+        """
+        if kind not in KINDS:
             raise ConfigError(
                 f"image {image!r}: kind={kind!r} images are not supported yet; "
-                "this version runs kind='container'"
+                f"this version builds images for {' and '.join(KINDS)}"
             )
         ref = parse_ref(image)
         if ref.source in ("simplestreams", "oci"):
@@ -121,14 +160,57 @@ class ImageStore:
                 f"image {image!r}: {ref.source} images are not supported yet by this "
                 "version; use busybox, debian/<release> or a rootfs path"
             )
+        if kind == "vm":
+            return self._get_vm(ref)
         cached = self._seen.get(ref.key)
         if cached is not None and (cached.path / RECORD).exists():
             return cached
         recipe = debian.RECIPE if ref.source == "debian" else ""
         entry = self._ensure(
-            ref.key, lambda rootfs: self._build(ref, rootfs), ref=ref.name, kind=kind, recipe=recipe
+            ref.key,
+            lambda rootfs: Built(self._build(ref, rootfs)),
+            ref=ref.name,
+            kind=kind,
+            recipe=recipe,
         )
         self._seen[ref.key] = entry
+        return entry
+
+    def _get_vm(self, ref: ImageRef) -> Image:
+        if ref.source != "debian":
+            raise ConfigError(
+                f"image {ref.name!r}: a VM needs an image with a kernel; kind='vm' builds "
+                "debian/<release> images only"
+            )
+        assert ref.release is not None
+        release = ref.release
+        cached = self._seen.get(ref.vm_key)
+        if cached is not None and (cached.path / RECORD).exists():
+            return cached
+        # two steps (see images/vm.py): the slow rootfs, then the disk with the agent
+        root = self._ensure(
+            ref.vm_root_key,
+            lambda rootfs: Built(
+                vm.build_rootfs(release, rootfs, self.settings.mirror, self.progress)
+            ),
+            ref=ref.name,
+            kind="vm-rootfs",
+            recipe=vm.ROOTFS_RECIPE,
+        )
+
+        def make(rootfs: Path) -> Built:
+            return Built("systemd", vm.build(root.rootfs, rootfs.parent, rootfs, self.progress))
+
+        entry = self._ensure(
+            ref.vm_key,
+            make,
+            ref=ref.name,
+            kind="vm",
+            base=root.key,
+            not_older_than=root.created,
+            recipe=vm.recipe(),
+        )
+        self._seen[ref.vm_key] = entry
         return entry
 
     def shifted(self, image: Image, base_id: int) -> Image:
@@ -145,9 +227,9 @@ class ImageStore:
         ):
             return cached
 
-        def make(rootfs: Path) -> str:
+        def make(rootfs: Path) -> Built:
             shift.copy_shifted(image.rootfs, rootfs, base_id)
-            return image.init
+            return Built(image.init)
 
         entry = self._ensure(
             key, make, ref=image.ref, kind=image.kind, base=image.key, not_older_than=image.created
@@ -170,10 +252,10 @@ class ImageStore:
 
         Returns the removed entries.
         """
-        key = parse_ref(image).key if image else None
+        ref = parse_ref(image) if image else None
         removed = []
         for entry in self.list():
-            if key is not None and key not in (entry.key, entry.base):
+            if ref is not None and not ref.keys() & {entry.key, entry.base}:
                 continue
             if in_use and (entry.key in in_use or entry.base in in_use):
                 continue
@@ -199,7 +281,7 @@ class ImageStore:
     def _ensure(
         self,
         key: str,
-        make: Callable[[Path], str],
+        make: Callable[[Path], Built],
         *,
         ref: str,
         kind: str,
@@ -242,7 +324,7 @@ class ImageStore:
     def _build_entry(
         self,
         key: str,
-        make: Callable[[Path], str],
+        make: Callable[[Path], Built],
         *,
         ref: str,
         kind: str,
@@ -256,18 +338,19 @@ class ImageStore:
         os.chmod(rootfs, 0o755)
         started = time.time()
         if base is None:
-            self._progress(f"building image {ref} (once; later runs use the cache)")
+            self.progress(f"building image {ref} (once; later runs use the cache)")
         try:
-            init = make(rootfs)
+            built = make(rootfs)
             record = {
                 "ref": ref,
                 "kind": kind,
                 "key": key,
-                "init": init,
+                "init": built.init,
                 "base": base,
                 "recipe": recipe,
                 "created": time.time(),
-                "size": fsutil.tree_size(rootfs),
+                "size": fsutil.tree_size(staging),
+                "kernel_release": built.kernel_release,
             }
             fsutil.write_atomic(staging / RECORD, json.dumps(record, indent=1))
             os.chmod(staging, 0o755)
@@ -290,7 +373,7 @@ class ImageStore:
                     + "\n"
                 )
         if base is None:
-            self._progress(f"image {ref} built in {time.time() - started:.1f}s")
+            self.progress(f"image {ref} built in {time.time() - started:.1f}s")
         entry = Image.load(self.settings.images_dir / key)
         assert entry is not None
         return entry
@@ -300,7 +383,7 @@ class ImageStore:
             return busybox.build(rootfs)
         if ref.source == "debian":
             assert ref.release is not None
-            return debian.build(ref.release, rootfs, self.settings.mirror, self._progress)
+            return debian.build(ref.release, rootfs, self.settings.mirror, self.progress)
         if ref.source == "local":
             assert ref.path is not None
             local.build(ref.path, rootfs)

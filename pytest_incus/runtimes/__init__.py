@@ -5,10 +5,11 @@ from __future__ import annotations
 from pytest_incus.errors import UnavailableError
 from pytest_incus.runtimes.container import ContainerRuntime
 from pytest_incus.runtimes.protocol import Runtime
+from pytest_incus.runtimes.vm import VmRuntime
 
-RUNTIMES: dict[str, Runtime] = {"container": ContainerRuntime()}
+RUNTIMES: dict[str, Runtime] = {"container": ContainerRuntime(), "vm": VmRuntime()}
 
-_PLANNED = {"vm": "virtual machines", "app": "OCI application containers"}
+_PLANNED = {"app": "OCI application containers"}
 
 
 def get_runtime(kind: str) -> Runtime:
@@ -17,5 +18,5 @@ def get_runtime(kind: str) -> Runtime:
         return RUNTIMES[kind]
     raise UnavailableError(
         f"kind={kind!r} ({_PLANNED.get(kind, kind)}) is not implemented yet in "
-        "this version of pytest-incus; only kind='container' runs today"
+        "this version of pytest-incus; only kind='container' and kind='vm' run today"
     )

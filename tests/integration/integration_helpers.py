@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pytest_incus import registry
+from pytest_incus import Instance, registry
 from pytest_incus.settings import Settings
 
 # Host directories that instances see (mounts, local images). Never under /tmp (HOST.md) and
@@ -77,3 +77,13 @@ def assert_nothing_left(settings: Settings, name: str) -> None:
     assert left == [], f"instance {name} left: {left}"
     assert lxc_monitors(name) == []
     assert host_processes(str(settings.instances_dir / name)) == []
+
+
+def memory_limit(instance: Instance) -> int:
+    """The memory limit of the container's cgroup, as the container sees it (v1 or v2)."""
+    for path in ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory.max"):
+        if instance.file(path).exists:
+            return int(instance.read_text(path))
+    raise AssertionError(
+        "no memory cgroup visible inside: " + instance.exec("ls -R /sys/fs/cgroup").stdout
+    )

@@ -6,22 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-from integration_helpers import assert_nothing_left
+from integration_helpers import assert_nothing_left, memory_limit
 
 from pytest_incus import ConfigError, Instance, InstanceFactory
 from pytest_incus.settings import Settings
 
 MIB = 1024 * 1024
-
-
-def memory_limit(instance: Instance) -> int:
-    """The memory limit of the container's cgroup, as the container sees it (v1 or v2)."""
-    for path in ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory.max"):
-        if instance.file(path).exists:
-            return int(instance.read_text(path))
-    raise AssertionError(
-        "no memory cgroup visible inside: " + instance.exec("ls -R /sys/fs/cgroup").stdout
-    )
 
 
 @pytest.mark.instance(image="busybox", cpus=1)

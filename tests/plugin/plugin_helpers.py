@@ -74,8 +74,11 @@ class InnerInstances:
         for cache in self.caches:
             settings = Settings(cache_dir=cache)
             for name in self.names():
-                if (settings.instances_dir / name).exists():
-                    registry.remove_instance(settings, name, "container")
+                directory = settings.instances_dir / name
+                if directory.exists():
+                    record = registry.read_record(directory)
+                    kind = record.kind if record else "container"
+                    registry.remove_instance(settings, name, kind)
 
 
 # Plugins of this machine's Python that only slow every inner run down.

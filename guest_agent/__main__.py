@@ -1,0 +1,85 @@
+"""``python3 -m guest_agent [--path DEV | --unix-listen PATH] [--block-rpcs a,b] [--init]``
+
+Serves QEMU guest-agent requests on the virtio-serial port ``org.qemu.guest_agent.0`` (found
+through sysfs unless ``--path`` names it) or, for tests, on a listening unix socket. ``--init``
+makes it the guest's first process (see ``init``). Messages are limited to 64 MiB each.
+
+Imports are kept few and late: under TCG every module costs tens of milliseconds of boot.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from guest_agent import commands, protocol
+
+USAGE = (
+    "usage: python3 -m guest_agent [--path DEV | --unix-listen PATH] [--block-rpcs a,b] [--init]"
+)
+
+
+def parse(argv: list[str]) -> dict[str, str | bool]:
+    """The options in ``argv`` (no argparse: it is slow to import under TCG)."""
+    options: dict[str, str | bool] = {"init": False}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        name, _, value = arg.partition("=")
+        if name == "--init":
+            options["init"] = True
+        elif name in ("--path", "--unix-listen", "--block-rpcs"):
+            if not value:
+                if not args:
+                    raise SystemExit(f"{USAGE}\nguest_agent: {name} needs a value")
+                value = args.pop(0)
+            options[name[2:]] = value
+        elif name in ("-h", "--help"):
+            print(__doc__)
+            raise SystemExit(0)
+        else:
+            raise SystemExit(f"{USAGE}\nguest_agent: unknown argument {arg!r}")
+    if "path" in options and "unix-listen" in options:
+        raise SystemExit(f"{USAGE}\nguest_agent: --path and --unix-listen exclude each other")
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve requests until killed."""
+    options = parse(sys.argv[1:] if argv is None else argv)
+    init_mode = bool(options["init"])
+    if init_mode:
+        from guest_agent import init
+
+        init.setup()
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished host must not kill us
+    blocked = [n.strip() for n in str(options.get("block-rpcs", "")).split(",") if n.strip()]
+    agent = commands.Agent(blocked, init_mode=init_mode)
+    channel: protocol.Channel
+    if options.get("unix-listen"):
+        channel = protocol.UnixChannel(str(options["unix-listen"]))
+    else:
+        channel = protocol.SerialChannel(str(options.get("path") or protocol.find_port()))
+    for request in protocol.requests(channel, protocol.Decoder()):
+        reply = agent.handle(request)
+        if reply is not None:
+            delimited = isinstance(request, dict) and (
+                request.get("execute") == "guest-sync-delimited"
+            )
+            channel.write(protocol.encode(reply, delimited))
+        if init_mode:
+            init.reap_orphans(commands.running_pids)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        if os.getpid() == 1:  # PID 1 must never exit: the kernel would panic
+            from guest_agent import init
+
+            init.power("powerdown")

@@ -1,0 +1,276 @@
+"""Files: QEMU's ``guest-file-*`` handles, and our whole-file and tree extensions (``pti-*``),
+with the semantics of the container runtime's ``inside.op_*``."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+
+from guest_agent.errors import CommandError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (slow under TCG)
+if TYPE_CHECKING:
+    import tarfile
+    from typing import Any
+
+MAX_READ = 48 << 20  # bytes per guest-file-read (as qemu-ga)
+_CHUNK = 1 << 16
+_MODES = {
+    "r": os.O_RDONLY,
+    "rb": os.O_RDONLY,
+    "r+": os.O_RDWR,
+    "r+b": os.O_RDWR,
+    "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+    "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+    "w+": os.O_RDWR | os.O_CREAT | os.O_TRUNC,
+    "w+b": os.O_RDWR | os.O_CREAT | os.O_TRUNC,
+    "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    "a+": os.O_RDWR | os.O_CREAT | os.O_APPEND,
+    "a+b": os.O_RDWR | os.O_CREAT | os.O_APPEND,
+}
+
+
+def _path(args: dict[str, Any], key: str = "path") -> str:
+    value = args[key]
+    if not isinstance(value, str) or not value:
+        raise CommandError(f"{key} must be a non-empty string")
+    return value
+
+
+class Handles:
+    """Open files of guest-file-open, by handle number."""
+
+    def __init__(self) -> None:
+        self.files: dict[int, int] = {}
+        self.next = 1000
+
+    def _fd(self, args: dict[str, Any]) -> int:
+        handle = args["handle"]
+        if not isinstance(handle, int) or handle not in self.files:
+            raise CommandError(f"handle '{handle}' has not been found")
+        return self.files[handle]
+
+    def open(self, args: dict[str, Any]) -> int:
+        path = _path(args)
+        mode = args.get("mode") or "r"
+        if mode not in _MODES:
+            raise CommandError(f"invalid file open mode '{mode}'")
+        fd = os.open(path, _MODES[mode] | os.O_CLOEXEC, 0o666)
+        handle = self.next
+        self.next += 1
+        self.files[handle] = fd
+        return handle
+
+    def read(self, args: dict[str, Any]) -> dict[str, Any]:
+        fd = self._fd(args)
+        count = args.get("count", 4096)
+        if not isinstance(count, int) or count < 0 or count > MAX_READ:
+            raise CommandError(f"value '{count}' is invalid for argument count")
+        data = b""
+        while len(data) < count:
+            chunk = os.read(fd, count - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return {
+            "count": len(data),
+            "buf-b64": base64.b64encode(data).decode("ascii"),
+            "eof": len(data) < count or count == 0,
+        }
+
+    def write(self, args: dict[str, Any]) -> dict[str, Any]:
+        fd = self._fd(args)
+        data = base64.b64decode(args["buf-b64"])
+        count = args.get("count", len(data))
+        if not isinstance(count, int) or count < 0 or count > len(data):
+            raise CommandError(f"value '{count}' is invalid for argument count")
+        view = memoryview(data)[:count]
+        while view:
+            view = view[os.write(fd, view) :]
+        return {"count": count, "eof": False}
+
+    def seek(self, args: dict[str, Any]) -> dict[str, Any]:
+        fd = self._fd(args)
+        whence = args.get("whence", 0)
+        whence = {"set": 0, "cur": 1, "end": 2}.get(whence, whence)
+        position = os.lseek(fd, int(args["offset"]), int(whence))
+        return {"position": position, "eof": False}
+
+    def flush(self, args: dict[str, Any]) -> dict[str, Any]:
+        os.fsync(self._fd(args))
+        return {}
+
+    def close(self, args: dict[str, Any]) -> dict[str, Any]:
+        fd = self._fd(args)
+        del self.files[args["handle"]]
+        os.close(fd)
+        return {}
+
+
+# -- whole files ---------------------------------------------------------------------------
+
+
+def _makedirs(path: str) -> None:
+    if path and not os.path.isdir(path):
+        os.makedirs(path, mode=0o755, exist_ok=True)
+
+
+def read_file(args: dict[str, Any]) -> dict[str, Any]:
+    """{data: base64} of the file at ``path``."""
+    path = _path(args)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise IsADirectoryError(21, os.strerror(21), path)
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return {"data": base64.b64encode(b"".join(chunks)).decode("ascii")}
+
+
+def write_file(args: dict[str, Any]) -> dict[str, Any]:
+    """Replace ``path`` with ``data`` (base64), mode ``mode``, owned by root, parents made."""
+    path = _path(args)
+    mode = int(args.get("mode", 0o644))
+    data = base64.b64decode(args.get("data") or "")
+    _makedirs(os.path.dirname(path))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode & 0o7777)
+    try:
+        if os.geteuid() == 0:
+            os.fchown(fd, 0, 0)
+        os.fchmod(fd, mode & 0o7777)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    return {}
+
+
+def _record(st: os.stat_result) -> dict[str, int]:
+    return {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "size": st.st_size}
+
+
+def stat_path(args: dict[str, Any]) -> dict[str, Any]:
+    """{lstat, stat} of ``path`` (stat null for a dangling link); ENOENT if missing."""
+    path = _path(args)
+    lst = os.lstat(path)
+    try:
+        st: dict[str, int] | None = _record(os.stat(path))
+    except FileNotFoundError:
+        st = None
+    return {"lstat": _record(lst), "stat": st}
+
+
+def sha256(args: dict[str, Any]) -> dict[str, Any]:
+    """{sha256: hex} of the file at ``path``."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(_path(args), "rb") as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return {"sha256": digest.hexdigest()}
+
+
+def remove(args: dict[str, Any]) -> dict[str, Any]:
+    """Remove ``path`` (a tree too); nothing if it does not exist."""
+    path = _path(args)
+    if os.path.isdir(path) and not os.path.islink(path):
+        import shutil
+
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+    return {}
+
+
+# -- trees ----------------------------------------------------------------------------------
+
+
+def _inside(dest: str, name: str) -> bool:
+    target = os.path.realpath(os.path.join(dest, name))
+    root = os.path.realpath(dest)
+    return target == root or target.startswith(root.rstrip("/") + "/")
+
+
+def _checked(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """What tarfile's "tar" filter allows (nothing outside ``dest``), mode kept as pushed.
+    Python 3.9 before 3.9.17 has no filters: the same checks by hand."""
+    import tarfile
+
+    tar_filter = getattr(tarfile, "tar_filter", None)
+    if tar_filter is not None:
+        checked: tarfile.TarInfo = tar_filter(member, dest).replace(mode=member.mode, deep=False)
+        return checked
+    name = member.name.lstrip("/")
+    if not _inside(dest, name):
+        raise CommandError(f"{member.name!r} would be extracted outside {dest!r}")
+    if member.islnk() or member.issym():
+        target = member.linkname
+        base = dest if member.islnk() else os.path.join(dest, os.path.dirname(name))
+        if os.path.isabs(target) or not _inside(dest, os.path.join(base, target)):
+            raise CommandError(f"{member.name!r} links outside {dest!r}")
+    member.name = name
+    return member
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target_dir: str) -> None:
+    import tarfile
+
+    member = _checked(member, target_dir)
+    if hasattr(tarfile, "tar_filter"):
+        tar.extract(member, target_dir, numeric_owner=True, filter=lambda m, _p: m)
+    else:
+        tar.extract(member, target_dir, numeric_owner=True)
+
+
+def put(args: dict[str, Any]) -> dict[str, Any]:
+    """Unpack the tar in ``data``: a tree into directory ``dest`` (merged), or its one member
+    as ``dest`` (into ``dest`` if that is a directory). Missing parents are created."""
+    dest = _path(args, "dest")
+    is_tree = bool(args.get("tree"))
+    data = base64.b64decode(args.get("data") or "")
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        for member in tar:
+            if is_tree:
+                _makedirs(dest)
+                target_dir = dest
+            elif os.path.isdir(dest):
+                target_dir = dest
+            else:
+                target_dir = os.path.dirname(dest) or "/"
+                member.name = os.path.basename(dest)
+                _makedirs(target_dir)
+                if os.path.lexists(dest) and not os.path.isdir(dest):
+                    os.unlink(dest)
+            _extract(tar, member, target_dir)
+    return {}
+
+
+def get(args: dict[str, Any]) -> dict[str, Any]:
+    """{data: base64 tar} of ``path``: a directory as ``.`` with its contents, anything else
+    as one member named after it."""
+    path = _path(args)
+    st = os.lstat(path)
+    arcname = "." if stat.S_ISDIR(st.st_mode) else os.path.basename(path.rstrip("/")) or "file"
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w|") as tar:
+        tar.add(path, arcname=arcname, recursive=True)
+    return {"data": base64.b64encode(buffer.getvalue()).decode("ascii")}

@@ -1,0 +1,390 @@
+"""The host side of the guest agent: QEMU's guest-agent protocol over a unix socket.
+
+``AgentClient`` talks to whatever agent answers on the VM's ``org.qemu.guest_agent.0`` port
+(QEMU's chardev socket ``qga.sock``): our ``guest_agent`` or Debian's stock ``qemu-ga``. It asks
+``guest-info`` which commands exist and uses our ``pti-*`` extensions when it finds them (one
+round trip per exec or file operation); with a stock agent it does the same through
+``guest-exec`` and the guest's shell tools (``fallback.py``).
+
+One request at a time goes over the socket (a lock); a reply that never came (a timeout)
+leaves the stream out of step, so the next request first resynchronises with
+``guest-sync-delimited``. Protocol errors become ``AgentError`` or, for file operations that
+failed in the guest's filesystem, the matching ``OSError`` (``_raise_error``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import socket
+import stat as stat_module
+import threading
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pytest_incus.agent import fallback
+from pytest_incus.errors import AgentError, ExecTimeoutError
+from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, Stat
+
+log = logging.getLogger("pytest_incus")
+
+CONNECT_RETRY = 0.01  # seconds between attempts while QEMU's socket does not exist yet
+SYNC_RETRY = 0.25  # seconds before a guest-sync that got no answer is sent again
+REPLY_TIMEOUT = 300.0  # seconds for any reply but exec's (big files under TCG are slow)
+MAX_REPLY = 256 << 20  # bytes of one reply line
+EXEC_GRACE = 30.0  # seconds past an exec's own timeout before we stop waiting for the agent
+
+
+class AgentClient:
+    """A connection to a guest agent over ``socket_path`` (see the module docstring)."""
+
+    def __init__(
+        self, socket_path: str | os.PathLike[str], name: str = "guest", *, extensions: bool = True
+    ) -> None:
+        self.socket_path = Path(socket_path)
+        self.name = name
+        self.extensions = extensions  # False: use only what a stock qemu-ga offers (tests)
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+        self._lock = threading.RLock()
+        self._stale = False
+        self._commands: dict[str, bool] = {}
+
+    # -- connection --------------------------------------------------------------------------
+
+    def connect(self, deadline: float) -> None:
+        """Connect and synchronise, retrying until ``deadline`` (``time.monotonic()``): QEMU's
+        socket may not exist yet, and the agent may not be up yet. AgentError past it."""
+        with self._lock:
+            last: Exception | None = None
+            while time.monotonic() < deadline:
+                try:
+                    self._open()
+                    self._sync(deadline)
+                    break
+                except (OSError, AgentError) as exc:
+                    last = exc
+                    self._drop()
+                    time.sleep(CONNECT_RETRY)
+            else:
+                raise AgentError(
+                    f"{self.name}: the guest agent did not answer on {self.socket_path} in "
+                    f"time (last problem: {last}); is the agent running in the guest? Look at "
+                    "its console log",
+                    exc=last,
+                )
+            info = self._request("guest-info", {}, deadline=time.monotonic() + REPLY_TIMEOUT)
+            self._commands = {
+                c["name"]: bool(c["enabled"])
+                for c in info["supported_commands"]
+                if self.extensions or not c["name"].startswith("pti-")
+            }
+
+    def _open(self, deadline: float | None = None) -> None:
+        if self._sock is not None:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(self.socket_path))
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self._buffer.clear()
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = None
+        self._buffer.clear()
+
+    def close(self) -> None:
+        """Close the connection (the agent stays; ``connect`` again to reuse it)."""
+        with self._lock:
+            self._drop()
+
+    def _sync(self, deadline: float) -> None:
+        """guest-sync-delimited until the agent answers our id: everything before is stale.
+        Sent again every SYNC_RETRY: a guest whose port was closed may have lost it."""
+        while True:
+            # a fresh id each time: the agent answers every copy it got, and the answer to an
+            # earlier copy must not be taken for the reply to the next request
+            sync_id = random.randrange(1, 1 << 31)
+            self._send(b"\xff" + _encode("guest-sync-delimited", {"id": sync_id}))
+            retry = min(deadline, time.monotonic() + SYNC_RETRY)
+            try:
+                while True:
+                    self._skip_to_delimiter(retry)
+                    reply = self._read_reply(retry)
+                    if reply.get("return") == sync_id:
+                        self._stale = False
+                        return
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise AgentError(
+                        f"{self.name}: the guest agent did not answer guest-sync"
+                    ) from None
+
+    # -- framing -----------------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        if self._sock is None:
+            self._open()
+        assert self._sock is not None
+        self._sock.settimeout(REPLY_TIMEOUT)
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            self._drop()
+            raise AgentError(
+                f"{self.name}: cannot send to the guest agent ({exc}); did the VM stop?", exc=exc
+            ) from exc
+
+    def _fill(self, deadline: float | None) -> None:
+        assert self._sock is not None
+        if deadline is None:
+            self._sock.settimeout(None)
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self._sock.settimeout(remaining)
+        try:
+            data = self._sock.recv(1 << 20)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            self._drop()
+            raise AgentError(f"{self.name}: lost the guest agent connection ({exc})") from exc
+        if not data:
+            self._drop()
+            raise AgentError(
+                f"{self.name}: the guest agent connection closed (did the VM stop or reboot?)"
+            )
+        self._buffer += data
+
+    def _skip_to_delimiter(self, deadline: float) -> None:
+        while (index := self._buffer.find(b"\xff")) < 0:
+            self._buffer.clear()
+            self._fill(deadline)
+        del self._buffer[: index + 1]
+
+    def _read_reply(self, deadline: float | None) -> dict[str, Any]:
+        while True:
+            while (index := self._buffer.find(b"\n")) < 0:
+                if len(self._buffer) > MAX_REPLY:
+                    self._drop()
+                    raise AgentError(f"{self.name}: a reply of the guest agent was too large")
+                self._fill(deadline)
+            line = bytes(self._buffer[:index])
+            del self._buffer[: index + 1]
+            # a late answer to an earlier guest-sync-delimited is never the reply we wait for
+            # (_sync strips the 0xFF of the one it waits for before reading it)
+            if not line.startswith(b"\xff"):
+                break
+        try:
+            reply = json.loads(line)
+        except ValueError as exc:
+            self._stale = True
+            raise AgentError(f"{self.name}: the guest agent sent malformed JSON: {exc}") from exc
+        if not isinstance(reply, dict):
+            raise AgentError(f"{self.name}: the guest agent sent {reply!r}, not an object")
+        return reply
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def request(
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = REPLY_TIMEOUT,
+        path: str | None = None,
+    ) -> Any:
+        """Run one agent command and return its "return" value; protocol errors raise
+        (OSError for ``path`` when the guest's filesystem said no, AgentError otherwise)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            return self._request(command, arguments or {}, deadline, path)
+
+    def _request(
+        self,
+        command: str,
+        arguments: dict[str, Any],
+        deadline: float | None,
+        path: str | None = None,
+    ) -> Any:
+        if self._sock is None or self._stale:
+            self._open()
+            self._sync(time.monotonic() + 10)
+        self._send(_encode(command, arguments))
+        try:
+            reply = self._read_reply(deadline)
+        except TimeoutError:
+            self._stale = True  # its reply may still come: resync before the next request
+            raise AgentError(
+                f"{self.name}: the guest agent did not answer {command} in time"
+            ) from None
+        if "error" in reply:
+            _raise_error(self.name, command, reply["error"], path)
+        return reply.get("return")
+
+    def has(self, command: str) -> bool:
+        """True if the agent offers ``command`` and has it enabled."""
+        return self._commands.get(command, False)
+
+    @property
+    def extended(self) -> bool:
+        """True when the agent is ours (it offers the ``pti-*`` extensions)."""
+        return self.has("pti-exec")
+
+    def info(self) -> dict[str, Any]:
+        """What guest-info says: version and supported commands."""
+        result: dict[str, Any] = self.request("guest-info")
+        return result
+
+    def ping(self) -> None:
+        """guest-ping: raises AgentError if the agent does not answer."""
+        self.request("guest-ping", timeout=30)
+
+    def shutdown(self, mode: str = "powerdown") -> None:
+        """Ask the guest to power down, reboot or halt. A successful guest-shutdown sends
+        no reply, so nothing is awaited; the next request resynchronises."""
+        if mode not in ("powerdown", "reboot", "halt"):
+            raise AgentError(f"shutdown mode must be powerdown, reboot or halt, not {mode!r}")
+        if self._commands and not self.has("guest-shutdown"):
+            raise AgentError(f"{self.name}: the guest agent has guest-shutdown disabled")
+        with self._lock:
+            if self._sock is None or self._stale:
+                self._open()
+                self._sync(time.monotonic() + 10)
+            self._send(_encode("guest-shutdown", {"mode": mode}))
+            self._stale = True
+
+    # -- the Machine methods -----------------------------------------------------------------
+
+    def exec(self, request: ExecRequest) -> ExecResult:
+        """Run a command in the guest; ExecTimeoutError after killing its tree past timeout."""
+        started = time.monotonic()
+        if self.extended:
+            code, out, err, timed_out = self._pti_exec(request)
+        else:
+            code, out, err, timed_out = fallback.run(self, request)
+        duration = time.monotonic() - started
+        if timed_out:
+            raise ExecTimeoutError(
+                f"{list(request.argv)!r} in {self.name} ran past its timeout of "
+                f"{request.timeout}s and was killed with its descendants; raise timeout= "
+                "(or incus_exec_timeout) if it needs longer",
+                cmd=list(request.argv),
+                exit_code=code,
+                stdout_bytes=out,
+                stderr_bytes=err,
+                duration=duration,
+            )
+        return ExecResult(code, out, err, duration)
+
+    def _pti_exec(self, request: ExecRequest) -> tuple[int, bytes, bytes, bool]:
+        arguments: dict[str, Any] = {
+            "argv": list(request.argv),
+            "env": dict(request.env),
+            "cwd": request.cwd,
+            "user": request.user,
+            "timeout": request.timeout,
+        }
+        if request.input:
+            arguments["input-data"] = _b64(request.input)
+        wait = None if request.timeout is None else request.timeout + EXEC_GRACE
+        reply = self.request("pti-exec", arguments, timeout=wait)
+        return (
+            int(reply["exitcode"]),
+            base64.b64decode(reply["out-data"]),
+            base64.b64decode(reply["err-data"]),
+            bool(reply["timed-out"]),
+        )
+
+    def read_file(self, path: str) -> bytes:
+        """The content of ``path`` in the guest (symlinks followed)."""
+        if self.has("pti-read-file"):
+            reply = self.request("pti-read-file", {"path": path}, path=path)
+            return base64.b64decode(reply["data"])
+        return fallback.read_file(self, path)
+
+    def write_file(self, path: str, data: bytes, mode: int) -> None:
+        """Create or replace ``path`` (parents created), owned by root."""
+        if self.has("pti-write-file"):
+            arguments = {"path": path, "data": _b64(data), "mode": mode}
+            self.request("pti-write-file", arguments, path=path)
+        else:
+            fallback.write_file(self, path, data, mode)
+
+    def stat(self, path: str) -> tuple[Stat, Stat] | None:
+        """(lstat, stat) of ``path``; stat is the lstat for a dangling link; None if missing."""
+        if self.has("pti-stat"):
+            try:
+                raw = self.request("pti-stat", {"path": path}, path=path)
+            except FileNotFoundError:
+                return None
+        else:
+            raw = fallback.stat(self, path)
+            if raw is None:
+                return None
+        lst = Stat(is_symlink=stat_module.S_ISLNK(raw["lstat"]["mode"]), **raw["lstat"])
+        st = lst if raw["stat"] is None else Stat(is_symlink=False, **raw["stat"])
+        return lst, st
+
+    def sha256(self, path: str) -> str:
+        """The hex sha256 of the file at ``path``."""
+        if self.has("pti-sha256"):
+            return str(self.request("pti-sha256", {"path": path}, path=path)["sha256"])
+        return fallback.sha256(self, path)
+
+    def put_archive(self, archive: bytes, dest: str, is_tree: bool) -> None:
+        """Unpack a tar made by ``Instance.push`` at ``dest`` (see ``Machine.put_archive``)."""
+        if self.has("pti-put"):
+            arguments = {"dest": dest, "tree": is_tree, "data": _b64(archive)}
+            self.request("pti-put", arguments, path=dest)
+        else:
+            fallback.put_archive(self, archive, dest, is_tree)
+
+    def get_archive(self, path: str) -> bytes:
+        """A tar of ``path``: a directory as ``.`` with its contents, else one member."""
+        if self.has("pti-get"):
+            return base64.b64decode(self.request("pti-get", {"path": path}, path=path)["data"])
+        return fallback.get_archive(self, path)
+
+    def remove(self, path: str) -> None:
+        """Remove ``path`` in the guest (a tree too); nothing if it does not exist."""
+        if self.has("pti-remove"):
+            self.request("pti-remove", {"path": path}, path=path)
+        else:
+            fallback.remove(self, path)
+
+
+def _encode(command: str, arguments: dict[str, Any]) -> bytes:
+    return json.dumps({"execute": command, "arguments": arguments}).encode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _raise_error(name: str, command: str, error: Any, path: str | None) -> NoReturn:
+    """The one place where the agent's error replies become exceptions."""
+    desc = str(error.get("desc", error)) if isinstance(error, dict) else str(error)
+    code = error.get("errno") if isinstance(error, dict) else None
+    if path is not None:
+        if not isinstance(code, int):
+            code = fallback.errno_from_text(desc)
+        if code is not None:
+            raise OSError(code, os.strerror(code), path)
+    if "has been disabled" in desc or "has not been found" in desc:
+        raise AgentError(
+            f"{name}: the guest agent cannot run {command}: {desc} (a stock qemu-ga lacks our "
+            "pti-* extensions, and --block-rpcs disables commands)"
+        )
+    raise AgentError(f"{name}: {command} failed in the guest: {desc}")

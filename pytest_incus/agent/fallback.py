@@ -1,0 +1,296 @@
+"""Exec and files through a stock QEMU guest agent (Debian's ``qemu-ga``), which has none of
+our ``pti-*`` extensions: everything it lacks is done by the guest's own tools, run with
+``guest-exec`` and awaited by polling ``guest-exec-status``.
+
+Every command runs as ``/bin/sh -c WRAPPER sh USER CWD SWITCH ARGV...`` with the caller's
+``env`` (over a default PATH) as guest-exec's whole environment: the wrapper looks the user up
+in /etc/passwd, enters the directory, adds the user's HOME, USER, LOGNAME and SHELL where the
+caller gave none, and execs ``[setpriv ...] [timeout -s KILL T] ARGV`` (``timeout`` kills its
+whole process group). The tools are all in a Debian minbase: coreutils, util-linux
+(``setpriv``), tar.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import io
+import os
+import posixpath
+import tarfile
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pytest_incus.errors import AgentError
+from pytest_incus.runtimes.protocol import ExecRequest
+
+if TYPE_CHECKING:
+    from pytest_incus.agent.client import AgentClient
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+POLL_FIRST = 0.001  # seconds before the first guest-exec-status; doubles up to POLL_MAX
+POLL_MAX = 0.05
+KILL_GRACE = 10.0  # seconds past the timeout for `timeout` to have killed the command
+SETUP_FAILED = 125  # with SETUP_MARK on stdout: the wrapper could not prepare the command
+SETUP_MARK = "pti-setup-error:"
+_STAT_FORMAT = "%f %u %g %s"
+
+# $1 user ("" for the agent's own), $2 cwd ("" for the user's home), $3 "1" to switch to the
+# user, then the command. Builtins only (no getent, id or env): under TCG every program
+# started costs tens of milliseconds. The caller's environment comes in through guest-exec's
+# env; only what it lacks of the user's defaults is added here.
+WRAPPER = r"""
+pti_user=$1 pti_cwd=$2 pti_switch=$3; shift 3
+pti_fail() { printf '%s %s' "pti-setup-error:" "$1"; exit 125; }
+if [ -z "$pti_user" ]; then
+  while read -r pti_key pti_value _; do
+    if [ "$pti_key" = Uid: ]; then pti_user=$pti_value; fi
+  done < /proc/self/status
+fi
+pti_found=
+while IFS=: read -r pti_name _ pti_uid pti_gid _ pti_home pti_shell; do
+  if [ "$pti_name" = "$pti_user" ] || [ "$pti_uid" = "$pti_user" ]; then pti_found=1; break; fi
+done < /etc/passwd
+if [ -z "$pti_found" ]; then
+  case $pti_user in *[!0-9]*|'') pti_fail "no user '$pti_user' in the guest's /etc/passwd";; esac
+  pti_name=$pti_user pti_uid=$pti_user pti_gid=$pti_user pti_home=/ pti_shell=/bin/sh
+fi
+if [ -n "$pti_cwd" ]; then
+  cd "$pti_cwd" 2>/dev/null || pti_fail "cannot enter cwd '$pti_cwd': no such directory"
+else cd "$pti_home" 2>/dev/null || cd /; fi
+unset OLDPWD
+[ -n "${HOME+x}" ] || export HOME="$pti_home"
+[ -n "${USER+x}" ] || export USER="$pti_name"
+[ -n "${LOGNAME+x}" ] || export LOGNAME="$pti_name"
+[ -n "${SHELL+x}" ] || export SHELL="${pti_shell:-/bin/sh}"
+if [ "$pti_switch" = 1 ]; then
+  pti_groups=--clear-groups
+  if [ -n "$pti_found" ]; then pti_groups=--init-groups; fi
+  set -- /usr/bin/setpriv --reuid="$pti_uid" --regid="$pti_gid" $pti_groups -- "$@"
+fi
+exec "$@"
+"""
+
+
+def _strerror_table() -> dict[str, int]:
+    wanted = (
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EEXIST,
+        errno.ENOTEMPTY,
+        errno.ELOOP,
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.ENAMETOOLONG,
+    )
+    return {os.strerror(code): code for code in wanted}
+
+
+_STRERRORS = _strerror_table()
+
+
+def errno_from_text(text: str) -> int | None:
+    """The errno whose strerror appears in ``text`` (a message of qemu-ga or a guest tool)."""
+    for message, code in _STRERRORS.items():
+        if message in text:
+            return code
+    return None
+
+
+def _command_line(request: ExecRequest) -> list[str]:
+    """The wrapper's arguments after the user and cwd: the switch flag, then the command."""
+    switch = "0" if request.user in (None, 0, "0", "root") else "1"
+    argv = [switch]
+    if request.timeout is not None:
+        argv += ["/usr/bin/timeout", "-s", "KILL", f"{request.timeout:.3f}"]
+    return argv + list(request.argv)
+
+
+def spawn(
+    client: AgentClient,
+    argv: list[str],
+    data: bytes | None,
+    env: Mapping[str, str] | None = None,
+) -> int:
+    """Start ``argv`` with guest-exec, output captured, ``env`` over a default PATH as its
+    whole environment; its pid."""
+    environment = {"PATH": DEFAULT_PATH, **(env or {})}
+    arguments: dict[str, Any] = {
+        "path": argv[0],
+        "arg": argv[1:],
+        "env": [f"{key}={value}" for key, value in environment.items()],
+        "capture-output": True,
+    }
+    if data:
+        arguments["input-data"] = base64.b64encode(data).decode("ascii")
+    return int(client.request("guest-exec", arguments)["pid"])
+
+
+def wait(client: AgentClient, pid: int, deadline: float | None) -> dict[str, Any] | None:
+    """Poll guest-exec-status (quickly at first) until the command ends; None past deadline."""
+    interval = POLL_FIRST
+    while True:
+        status: dict[str, Any] = client.request("guest-exec-status", {"pid": pid})
+        if status.get("exited"):
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            return None
+        time.sleep(interval)  # the protocol offers no notification: polling is all there is
+        interval = min(interval * 2, POLL_MAX)
+
+
+def _outcome(status: dict[str, Any]) -> tuple[int, bytes, bytes]:
+    if status.get("out-truncated") or status.get("err-truncated"):
+        raise AgentError(
+            "the guest agent truncated the command's output (qemu-ga keeps at most 16 MiB); "
+            "write large output to a file and read_file() it"
+        )
+    code = status["exitcode"] if "exitcode" in status else 128 + int(status.get("signal", 0))
+    out = base64.b64decode(status.get("out-data", ""))
+    err = base64.b64decode(status.get("err-data", ""))
+    return int(code), out, err
+
+
+def run(client: AgentClient, request: ExecRequest) -> tuple[int, bytes, bytes, bool]:
+    """Run ``request`` through the wrapper: (exit code, stdout, stderr, timed out)."""
+    started = time.monotonic()
+    user = "" if request.user is None else str(request.user)
+    argv = ["/bin/sh", "-c", WRAPPER, "sh", user, request.cwd or "", *_command_line(request)]
+    pid = spawn(client, argv, request.input, request.env)
+    deadline = None if request.timeout is None else started + request.timeout + KILL_GRACE
+    status = wait(client, pid, deadline)
+    if status is None:
+        # `timeout` should have killed it: kill its group ourselves, and say so
+        spawn(client, ["kill", "-KILL", "--", f"-{pid}"], None)
+        return 137, b"", b"", True
+    code, out, err = _outcome(status)
+    elapsed = time.monotonic() - started
+    if code == SETUP_FAILED and out.startswith(SETUP_MARK.encode()):
+        message = out[len(SETUP_MARK) :].decode("utf-8", "replace").strip()
+        raise AgentError(f"{client.name}: cannot run {list(request.argv)!r}: {message}")
+    timed_out = request.timeout is not None and code == 137 and elapsed >= request.timeout * 0.99
+    return code, out, err, timed_out
+
+
+def tool(client: AgentClient, script: str, args: list[str], data: bytes | None = None) -> bytes:
+    """Run a shell ``script`` with ``args`` as root; its stdout, or the OSError its stderr
+    names (for ``args[0]``), or AgentError."""
+    pid = spawn(client, ["/bin/sh", "-c", script, "sh", *args], data)
+    status = wait(client, pid, None)
+    assert status is not None
+    code, out, err = _outcome(status)
+    if code != 0:
+        text = err.decode("utf-8", "replace").strip()
+        number = errno_from_text(text)
+        if number is not None:
+            raise OSError(number, os.strerror(number), args[0] if args else None)
+        raise AgentError(f"{client.name}: {script.split()[0]} {args!r} failed: {text}")
+    return out
+
+
+# -- files --------------------------------------------------------------------------------
+
+
+def read_file(client: AgentClient, path: str) -> bytes:
+    """The content of ``path``, through guest-file-open/read/close."""
+    handle = client.request("guest-file-open", {"path": path, "mode": "r"}, path=path)
+    chunks = []
+    try:
+        while True:
+            reply = client.request(
+                "guest-file-read", {"handle": handle, "count": 4 << 20}, path=path
+            )
+            chunks.append(base64.b64decode(reply["buf-b64"]))
+            if reply["eof"] or not reply["count"]:
+                break
+    finally:
+        client.request("guest-file-close", {"handle": handle}, path=path)
+    return b"".join(chunks)
+
+
+def write_file(client: AgentClient, path: str, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data`` (stdin of one command), owned by root, parents made."""
+    script = (
+        'mkdir -p -- "$(dirname -- "$1")" && cat > "$1" && '
+        '{ [ "$(id -u)" != 0 ] || chown 0:0 -- "$1"; } && chmod "$2" -- "$1"'
+    )
+    tool(client, script, [path, f"{mode & 0o7777:o}"], data)
+
+
+def stat(client: AgentClient, path: str) -> dict[str, Any] | None:
+    """{lstat, stat} as the extension gives it, from ``stat -c``; None if missing."""
+    script = (
+        f"stat -c '{_STAT_FORMAT}' -- \"$1\" && "
+        f"{{ stat -L -c '{_STAT_FORMAT}' -- \"$1\" 2>/dev/null || echo dangling; }}"
+    )
+    try:
+        lines = tool(client, script, [path]).decode().split("\n")
+    except FileNotFoundError:
+        return None
+
+    def record(line: str) -> dict[str, int]:
+        mode, uid, gid, size = line.split()
+        return {"mode": int(mode, 16), "uid": int(uid), "gid": int(gid), "size": int(size)}
+
+    return {
+        "lstat": record(lines[0]),
+        "stat": None if lines[1].strip() == "dangling" else record(lines[1]),
+    }
+
+
+def sha256(client: AgentClient, path: str) -> str:
+    """The sha256 of ``path``, from sha256sum."""
+    out = tool(client, 'sha256sum -- "$1"', [path]).decode()
+    return out.split()[0].lstrip("\\")
+
+
+def remove(client: AgentClient, path: str) -> None:
+    """rm -rf ``path``."""
+    tool(client, 'rm -rf -- "$1"', [path])
+
+
+def _is_dir(mode: int) -> bool:
+    return mode & 0o170000 == 0o040000
+
+
+def _renamed(archive: bytes, name: str) -> bytes:
+    """``archive`` with its one member renamed to ``name``."""
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(archive), mode="r") as src,
+        tarfile.open(fileobj=out, mode="w") as dst,
+    ):
+        for member in src.getmembers():
+            data = src.extractfile(member) if member.isfile() else None
+            member.name = name
+            dst.addfile(member, data)
+    return out.getvalue()
+
+
+def put_archive(client: AgentClient, archive: bytes, dest: str, is_tree: bool) -> None:
+    """Unpack ``archive`` with the guest's tar (see ``Machine.put_archive``)."""
+    untar = 'tar -x --numeric-owner -p -f - -C "$1"'
+    found = stat(client, dest)
+    into_dir = found is not None and _is_dir((found["stat"] or found["lstat"])["mode"])
+    if is_tree or into_dir:
+        tool(client, f'mkdir -p -- "$1" && {untar}', [dest], archive)
+        return
+    parent = posixpath.dirname(dest) or "/"
+    data = _renamed(archive, posixpath.basename(dest))
+    script = f'mkdir -p -- "$1" && rm -f -- "$2" && {untar}'
+    tool(client, script, [parent, dest], data)
+
+
+def get_archive(client: AgentClient, path: str) -> bytes:
+    """A tar of ``path`` from the guest's tar (see ``Machine.get_archive``)."""
+    found = stat(client, path)
+    if found is None:
+        raise FileNotFoundError(2, os.strerror(2), path)
+    if _is_dir(found["lstat"]["mode"]):
+        return tool(client, 'tar -c -f - -C "$1" .', [path])
+    parent = posixpath.dirname(path.rstrip("/")) or "/"
+    return tool(client, 'tar -c -f - -C "$1" -- "$2"', [parent, posixpath.basename(path)])

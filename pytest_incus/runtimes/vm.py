@@ -1,0 +1,453 @@
+"""Virtual machines on QEMU, driven over QMP, with a guest agent for commands and files.
+
+Each instance is a qcow2 overlay (``<instance>/disk.qcow2``) on the cached image's disk (through
+a hard link, ``<instance>/base.qcow2``, so a rebuilt image never slides under it), booted
+straight into the image's kernel and initrd (or the user's ``kernel=``/``initrd=``). QEMU is our
+child process (``qemu.QemuProcess``); its serial console goes to ``<instance>/console.log``, QMP
+to ``<instance>/qmp.sock``, and the guest agent's virtio-serial port
+(``org.qemu.guest_agent.0``) to ``<instance>/qga.sock``, where ``AgentClient`` talks to it.
+
+Ready means: the agent answers, and for ``init="systemd"`` also ``systemctl is-system-running
+--wait`` (run through the agent) says running or degraded. The guest runs with ``panic=-1`` and
+QEMU with ``-no-reboot``, so a kernel panic or a failing init ends QEMU at once and the start
+fails fast with the console tail instead of waiting out ``boot_timeout``. (A reboot inside the
+guest therefore stops the VM; use ``instance.restart()``.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pytest_incus.agent.client import AgentClient
+from pytest_incus.errors import (
+    AgentError,
+    ConfigError,
+    ExecTimeoutError,
+    IncusError,
+    InstanceStartError,
+    tail,
+)
+from pytest_incus.images import vm as vm_images
+from pytest_incus.images.ref import parse_ref
+from pytest_incus.images.store import Image, ImageStore
+from pytest_incus.runtimes import accel, qemu
+from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, Stat
+from pytest_incus.spec import VM_INITS, InstanceSpec
+
+log = logging.getLogger("pytest_incus")
+
+MIB = 1024**2
+DEFAULT_MEMORY = 1024 * MIB
+MIN_MEMORY = 128 * MIB
+DEFAULT_CPUS = 1
+QMP_DEADLINE = 10.0  # seconds for QEMU to come up and answer QMP
+AGENT_SLICE = 0.5  # connect to the agent in slices this long, to notice QEMU's death
+STOP_GRACE = 5.0  # seconds for QEMU to quit over QMP before it is killed
+READY_POLL = 0.05
+QBOOT = Path("/usr/share/qemu/qboot.rom")
+DISK = "disk.qcow2"
+BASE = "base.qcow2"  # a hard link to the image's disk: see _pin
+CONSOLE = "console.log"
+AGENT_SOCKET = "qga.sock"
+AGENT_PORT = "org.qemu.guest_agent.0"
+
+_announced: set[str] = set()
+_announce_lock = threading.Lock()
+
+
+class VmRuntime:
+    """Makes QEMU virtual machines."""
+
+    kind = "vm"
+
+    def check(self, spec: InstanceSpec) -> None:
+        """Reject what a VM can never do: images without a kernel, impossible sizes, paths
+        that do not exist."""
+        ref = parse_ref(spec.image)
+        if ref.source != "debian":
+            raise ConfigError(
+                f"image {spec.image!r}: a VM needs an image with a kernel, and this version "
+                "makes VM images only from debian/<release> (kernel= replaces the kernel, "
+                "not the disk); use image='debian/12'"
+            )
+        if spec.init not in VM_INITS:
+            raise ConfigError(f"init={spec.init!r}; use one of {VM_INITS}")
+        if spec.cpus is not None and spec.cpus > (os.cpu_count() or 1):
+            raise ConfigError(f"cpus={spec.cpus} but this host has only {os.cpu_count()} CPUs")
+        if spec.memory is not None and spec.memory < MIN_MEMORY:
+            raise ConfigError(
+                f"memory={spec.memory} bytes is too little for a VM; give at least 128MiB"
+            )
+        if spec.network != "none":
+            raise ConfigError(
+                f"network={spec.network!r} is not supported yet for VMs; only network='none'"
+            )
+        for key, value in (("kernel", spec.kernel), ("initrd", spec.initrd)):
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"{key}={value!r}: no such file")
+
+    def unavailable(self) -> str | None:
+        """Why this host cannot run VMs (QEMU missing), or None."""
+        return accel.qemu_missing()
+
+    def create(
+        self, spec: InstanceSpec, name: str, directory: Path, images: ImageStore
+    ) -> VirtualMachine:
+        """Choose the accelerator, get the VM image and make the instance's overlay disk."""
+        settings = images.settings
+        try:
+            chosen = accel.choose(settings.accel, settings.cache_dir)
+        except IncusError as exc:
+            raise InstanceStartError(f"VM {name}: {exc}") from exc
+        if chosen.name == "tcg" and settings.accel == "auto":
+            _announce(
+                f"VMs run under TCG (emulation, much slower than KVM): {chosen.reason}",
+                images,
+            )
+        for sock in (AGENT_SOCKET, qemu.QMP_SOCKET):
+            if not qemu.socket_path_ok(directory / sock):
+                raise InstanceStartError(
+                    f"VM {name}: the socket path {directory / sock} is too long for a unix "
+                    "socket; choose a shorter --incus-cache-dir"
+                )
+        image = images.get(spec.image, "vm")
+        overlay = directory / DISK
+        argv = [accel.QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "qcow2"]
+        argv += ["-b", str(_pin(image.disk, directory / BASE)), str(overlay)]
+        made = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if made.returncode != 0:
+            raise InstanceStartError(
+                f"VM {name}: qemu-img could not make the overlay disk {overlay} on "
+                f"{image.disk}: {made.stderr.strip()}"
+            )
+        return VirtualMachine(spec, name, directory, image, chosen)
+
+    def reap(self, name: str, directory: Path) -> None:
+        """Kill the QEMU a dead run left for ``name`` (only if still that process)."""
+        qemu.kill_recorded(directory)
+        _remove_runtime_files(directory)
+
+    def shell(self, name: str, directory: Path, command: list[str] | None) -> int:
+        """Run ``command`` in VM ``name`` through its agent, or read commands line by line.
+
+        There is no terminal in the guest (the agent runs commands with pipes, not a pty): with
+        no ``command``, each line typed is run by ``/bin/sh -c`` on its own, so ``cd`` and
+        variables do not carry over to the next line, and full-screen programs do not work.
+        """
+        if qemu.recorded_pid(directory) is None:
+            raise IncusError(f"VM {name} is not running")
+        client = AgentClient(directory / AGENT_SOCKET, name=f"VM {name}")
+        try:
+            client.connect(time.monotonic() + 10)
+        except AgentError as exc:
+            raise IncusError(
+                f"cannot reach the agent of VM {name} ({exc}); is a test run still using it?"
+            ) from exc
+        try:
+            if command:
+                return _run_shell_line(client, command)
+            return _shell_loop(client, name)
+        finally:
+            client.close()
+
+
+def _run_shell_line(client: AgentClient, argv: list[str]) -> int:
+    request = ExecRequest(tuple(argv), {"TERM": "dumb"}, None, None, None, None)
+    result = client.exec(request)
+    sys.stdout.buffer.write(result.stdout_bytes)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr_bytes)
+    sys.stderr.flush()
+    return result.exit_code
+
+
+def _shell_loop(client: AgentClient, name: str) -> int:
+    print(
+        f"VM {name}: commands run through the guest agent, one line at a time by /bin/sh -c "
+        "(no terminal: cd and variables do not carry over). Ctrl-D leaves.",
+        file=sys.stderr,
+    )
+    status = 0
+    while True:
+        try:
+            line = input(f"{name}# ")
+        except EOFError:
+            print(file=sys.stderr)
+            return status
+        if line.strip():
+            status = _run_shell_line(client, ["/bin/sh", "-c", line])
+
+
+def _announce(message: str, images: ImageStore) -> None:
+    """Say ``message`` once per process (on the terminal, through the store's progress)."""
+    with _announce_lock:
+        if message in _announced:
+            return
+        _announced.add(message)
+    images.progress(message)
+
+
+def _pin(disk: Path, link: Path) -> Path:
+    """A hard link to the image's ``disk`` in the instance directory, the overlay's backing file.
+
+    QEMU opens the backing file by name at every start: if the image were rebuilt or pruned
+    meanwhile, a restart would put this instance's overlay on another disk (and corrupt its
+    filesystem). The link keeps this very disk for the instance's life. Where a link cannot be
+    made (another filesystem), the image's own path is used."""
+    try:
+        os.link(disk, link)
+    except OSError as exc:
+        log.info("cannot hard-link %s into %s (%s); the overlay names the image", disk, link, exc)
+        return disk
+    return link
+
+
+def _remove_runtime_files(directory: Path) -> None:
+    for leftover in (AGENT_SOCKET, qemu.QMP_SOCKET, qemu.RECORD, DISK, BASE):
+        (directory / leftover).unlink(missing_ok=True)
+
+
+class VirtualMachine:
+    """One QEMU virtual machine."""
+
+    def __init__(
+        self, spec: InstanceSpec, name: str, directory: Path, image: Image, chosen: accel.Accel
+    ) -> None:
+        self.spec = spec
+        self.name = name
+        self.directory = directory
+        self.image = image
+        self.accel = chosen
+        self._qemu: qemu.QemuProcess | None = None
+        self._agent: AgentClient | None = None
+
+    # -- configuration -------------------------------------------------------------------
+
+    def kernel_cmdline(self) -> str:
+        """The kernel command line: the image's, then ours, then the user's ``kernel_args``."""
+        # panic=-1 with QEMU's -no-reboot: a panicking guest ends QEMU at once
+        return vm_images.kernel_cmdline(self.spec.init, extra=f"panic=-1 {self.spec.kernel_args}")
+
+    def qemu_argv(self) -> list[str]:
+        """QEMU's command line for this instance."""
+        d = self.directory
+        spec = self.spec
+        memory = spec.memory or DEFAULT_MEMORY
+        kernel = spec.kernel or str(self.image.kernel)
+        argv = [accel.QEMU, "-name", f"pytest-incus {self.name}", "-nodefaults"]
+        argv += ["-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot"]
+        argv += ["-machine", "pc", *self.accel.qemu_args]
+        if QBOOT.exists():
+            argv += ["-bios", str(QBOOT)]  # boots a kernel much faster than SeaBIOS
+        argv += ["-smp", str(spec.cpus or DEFAULT_CPUS), "-m", f"{-(-memory // MIB)}M"]
+        argv += ["-kernel", kernel, "-append", self.kernel_cmdline()]
+        if spec.initrd is not None:
+            argv += ["-initrd", spec.initrd]
+        elif spec.kernel is None:
+            argv += ["-initrd", str(self.image.initrd)]
+        # with kernel= alone there is no initrd: the kernel must have its virtio drivers built in
+        argv += ["-drive", f"file={d / DISK},format=qcow2,if=virtio,cache=writeback"]
+        argv += ["-chardev", f"file,id=console,path={d / CONSOLE},append=on"]
+        argv += ["-serial", "chardev:console"]
+        argv += ["-device", "virtio-serial-pci"]
+        argv += ["-chardev", f"socket,id=qga0,path={d / AGENT_SOCKET},server=on,wait=off"]
+        argv += ["-device", f"virtserialport,chardev=qga0,name={AGENT_PORT}"]
+        argv += ["-qmp", f"unix:{d / qemu.QMP_SOCKET},server=on,wait=off"]
+        argv += ["-nic", "none"]
+        return argv
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Boot QEMU and wait until the guest is ready (see the module docstring)."""
+        deadline = time.monotonic() + self.spec.boot_timeout
+        self._kill()  # what is left of a previous boot that ended by itself (a poweroff inside)
+        try:
+            self._qemu = qemu.QemuProcess.launch(self.qemu_argv(), self.directory)
+        except OSError as exc:
+            raise self._start_error(f"QEMU could not be started: {exc}") from exc
+        try:
+            try:
+                self._qemu.connect_qmp(min(deadline, time.monotonic() + QMP_DEADLINE))
+            except IncusError as exc:
+                if self._qemu.wait(time.monotonic() + 1):
+                    said = self._qemu.stderr().splitlines()[-1:] or ["nothing"]
+                    raise self._start_error(
+                        f"QEMU exited at once (exit code {self._qemu.child.returncode}); it said: "
+                        f"{said[0]}; check the kernel=/initrd= files and the options"
+                    ) from exc
+                raise self._start_error(str(exc)) from exc
+            self._agent = self._connect_agent(deadline)
+            if self.spec.init == "systemd":
+                self._wait_systemd(deadline)
+        except BaseException:
+            self._kill()
+            raise
+
+    def _connect_agent(self, deadline: float) -> AgentClient:
+        """Connect to the guest agent; fail at once if QEMU ends, or at ``deadline``."""
+        assert self._qemu is not None
+        client = AgentClient(self.directory / AGENT_SOCKET, name=f"VM {self.name}")
+        last: AgentError | None = None
+        while True:
+            if not self._qemu.alive():
+                client.close()
+                raise self._start_error("QEMU ended while the guest was booting")
+            now = time.monotonic()
+            if now >= deadline:
+                client.close()
+                raise self._start_error(
+                    f"the guest agent did not answer within {self.spec.boot_timeout}s "
+                    f"(last: {last}); raise boot_timeout or look at the console log below"
+                )
+            try:
+                client.connect(min(deadline, now + AGENT_SLICE))
+                return client
+            except AgentError as exc:
+                last = exc
+
+    def _wait_systemd(self, deadline: float) -> None:
+        last = ""
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.running():
+                raise self._start_error("QEMU ended while systemd was booting")
+            request = ExecRequest(
+                ("systemctl", "is-system-running", "--wait"), {}, "/", None, None, left
+            )
+            try:
+                result = self.exec(request)
+            except ExecTimeoutError:
+                break
+            except AgentError as exc:
+                raise self._start_error(f"the guest agent failed during boot: {exc}") from exc
+            state = result.stdout.strip()
+            last = (result.stdout + result.stderr).strip()
+            if state in ("running", "degraded"):
+                return
+            if state == "stopping":
+                break
+            time.sleep(READY_POLL)  # "offline": systemd's socket not there yet
+        raise self._start_error(
+            f"systemd did not finish booting within {self.spec.boot_timeout}s "
+            f"(is-system-running said {last!r}); raise boot_timeout or look at the console "
+            "log below"
+        )
+
+    def _start_error(self, what: str) -> InstanceStartError:
+        error = InstanceStartError(
+            f"VM {self.name} (image {self.spec.image}, init={self.spec.init}, "
+            f"accel={self.accel.name}): {what}"
+        )
+        if self._qemu is not None:
+            if not self._qemu.alive():
+                error.add_note(f"QEMU exit code: {self._qemu.child.returncode}")
+            said = tail(self._qemu.stderr())
+            if said:
+                error.add_note("QEMU said:\n" + said)
+        console = tail(self.logs())
+        error.add_note("console log:\n" + (console or "(empty: the guest printed nothing)"))
+        return error
+
+    def running(self) -> bool:
+        """True while QEMU runs."""
+        return self._qemu is not None and self._qemu.alive()
+
+    def stop(self, timeout: float, force: bool) -> None:
+        """Power the guest off (through the agent, else ACPI) within ``timeout``, then QMP
+        quit, then kill our QEMU."""
+        if self._qemu is None:
+            return
+        if self._qemu.alive() and not force:
+            deadline = time.monotonic() + timeout
+            if not self._ask_shutdown():
+                with contextlib.suppress(IncusError):
+                    self._qemu.command("system_powerdown", timeout=max(0.1, timeout))
+            if not self._qemu.wait(deadline):
+                log.warning("VM %s did not power off within %ss; quitting QEMU", self.name, timeout)
+        self._kill()
+
+    def _ask_shutdown(self) -> bool:
+        """Ask the agent to power off; True if it took the request."""
+        if self._agent is None:
+            return False
+        try:
+            self._agent.shutdown("powerdown")
+        except (AgentError, OSError):
+            return False
+        return True
+
+    def _kill(self) -> None:
+        """End QEMU: QMP quit, then SIGKILL of our own child; close the channels."""
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+        if self._qemu is None:
+            return
+        if self._qemu.alive() and not self._qemu.quit(time.monotonic() + STOP_GRACE):
+            log.warning("QEMU of VM %s did not quit; killing pid %d", self.name, self._qemu.pid)
+        self._qemu.kill()
+        self._qemu.close()
+        self._qemu = None
+        for sock in (AGENT_SOCKET, qemu.QMP_SOCKET):
+            (self.directory / sock).unlink(missing_ok=True)
+
+    def destroy(self) -> None:
+        """Kill QEMU and remove the overlay disk and sockets (the directory goes with the
+        caller)."""
+        self._kill()
+        qemu.kill_recorded(self.directory)  # a QEMU that another process of ours started
+        _remove_runtime_files(self.directory)
+
+    def logs(self) -> str:
+        """The serial console log, every boot of this instance."""
+        try:
+            return (self.directory / CONSOLE).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # -- running things inside -----------------------------------------------------------
+
+    @property
+    def agent(self) -> AgentClient:
+        """The client of the guest agent (for tests of the agent itself)."""
+        return self._client()
+
+    def _client(self) -> AgentClient:
+        if self._agent is None or not self.running():
+            raise IncusError(f"VM {self.name} is not running; start() it first")
+        return self._agent
+
+    def exec(self, request: ExecRequest) -> ExecResult:
+        """Run a command inside, through the guest agent."""
+        return self._client().exec(request)
+
+    def read_file(self, path: str) -> bytes:
+        """The content of ``path`` inside."""
+        return self._client().read_file(path)
+
+    def write_file(self, path: str, data: bytes, mode: int) -> None:
+        """Create or replace ``path`` inside."""
+        self._client().write_file(path, data, mode)
+
+    def stat(self, path: str) -> tuple[Stat, Stat] | None:
+        """(lstat, stat) of ``path`` inside, or None."""
+        return self._client().stat(path)
+
+    def sha256(self, path: str) -> str:
+        """The sha256 of the file at ``path`` inside."""
+        return self._client().sha256(path)
+
+    def put_archive(self, archive: bytes, dest: str, is_tree: bool) -> None:
+        """Unpack ``archive`` at ``dest`` inside."""
+        self._client().put_archive(archive, dest, is_tree)
+
+    def get_archive(self, path: str) -> bytes:
+        """A tar of ``path`` inside."""
+        return self._client().get_archive(path)
