@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 from dataclasses import dataclass
@@ -62,8 +63,11 @@ class _Reply:
         for fd in fds:
             self.host_pid = _pid_of(fd)
             os.close(fd)
-        if not data:
-            self.error = {"kind": "gone", "errno": 0, "message": "the container stopped"}
+        if not data:  # the server ended: the container stopped
+            if self.host_pid is None:
+                self.error = {"kind": "gone", "errno": 0, "message": "the container stopped"}
+            else:  # the command was running: it was killed with its container
+                self.exit_code = 128 + signal.SIGKILL
             return True
         message = json.loads(data)
         if "pid" in message:

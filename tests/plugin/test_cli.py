@@ -31,7 +31,7 @@ def test_images_build_list_prune(scratch_cache: Path) -> None:
     assert images(scratch_cache) == []
     built = run_cli(scratch_cache, "images", "build", "busybox")
     assert built.returncode == 0, built.stderr
-    assert built.stdout.startswith(f"busybox: {scratch_cache}/images/busybox ")
+    assert built.stdout.startswith(f"busybox (container): {scratch_cache}/images/busybox ")
     assert "pytest-incus: building image busybox" in built.stderr
     assert images(scratch_cache) == ["busybox"]
     again = run_cli(scratch_cache, "images", "build", "busybox")
