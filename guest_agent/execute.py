@@ -74,7 +74,7 @@ def lookup_user(user: str | int | None) -> User:
         pass
     if isinstance(wanted, int):
         return User(str(wanted), wanted, wanted, "/", "/bin/sh")
-    raise CommandError(f"no user {wanted!r} in the guest's /etc/passwd")
+    raise CommandError(f"no user {wanted!r} in /etc/passwd")
 
 
 def _groups_of(name: str, gid: int) -> list[int]:
@@ -99,7 +99,7 @@ def working_dir(user: User, cwd: str | None) -> str:
     return user.home if os.path.isdir(user.home) else "/"
 
 
-def _not_runnable(program: str, exc: OSError) -> tuple[int, bytes]:
+def not_runnable(program: str, exc: OSError) -> tuple[int, bytes]:
     """Exit code and message for a program that cannot run, as a shell gives them."""
     missing = exc.errno in (errno.ENOENT, errno.ENOTDIR)
     message = "not found" if missing else (exc.strerror or str(exc))
@@ -220,7 +220,7 @@ def pti_exec(args: dict[str, Any]) -> dict[str, Any]:
     try:
         proc = _popen(argv, who.environment(env), workdir, who, stdin)
     except OSError as exc:
-        code, message = _not_runnable(argv[0], exc)
+        code, message = not_runnable(argv[0], exc)
         return _exec_reply(code, b"", message, False, started)
     RUNNING.add(proc.pid)
     timed_out = False

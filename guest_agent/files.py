@@ -1,5 +1,8 @@
-"""Files: QEMU's ``guest-file-*`` handles, and our whole-file and tree extensions (``pti-*``),
-with the semantics of the container runtime's ``inside.op_*``."""
+"""Files: QEMU's ``guest-file-*`` handles, and our whole-file and tree extensions (``pti-*``).
+
+The operations themselves (``read_bytes``, ``write_bytes``, ``stat_pair``, ``sha256_hex``,
+``remove_path``, ``unpack``, ``pack``) are also what pytest-incus runs inside containers, so a
+file operation means the same in every kind of instance."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from guest_agent.errors import CommandError
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (slow under TCG)
 if TYPE_CHECKING:
     import tarfile
-    from typing import Any
+    from typing import IO, Any
 
 MAX_READ = 48 << 20  # bytes per guest-file-read (as qemu-ga)
 _CHUNK = 1 << 16
@@ -117,9 +120,8 @@ def _makedirs(path: str) -> None:
         os.makedirs(path, mode=0o755, exist_ok=True)
 
 
-def read_file(args: dict[str, Any]) -> dict[str, Any]:
-    """{data: base64} of the file at ``path``."""
-    path = _path(args)
+def read_bytes(path: str) -> bytes:
+    """The content of the file at ``path`` (IsADirectoryError for a directory)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if stat.S_ISDIR(os.fstat(fd).st_mode):
@@ -132,14 +134,17 @@ def read_file(args: dict[str, Any]) -> dict[str, Any]:
             chunks.append(chunk)
     finally:
         os.close(fd)
-    return {"data": base64.b64encode(b"".join(chunks)).decode("ascii")}
+    return b"".join(chunks)
 
 
-def write_file(args: dict[str, Any]) -> dict[str, Any]:
-    """Replace ``path`` with ``data`` (base64), mode ``mode``, owned by root, parents made."""
-    path = _path(args)
-    mode = int(args.get("mode", 0o644))
-    data = base64.b64decode(args.get("data") or "")
+def read_file(args: dict[str, Any]) -> dict[str, Any]:
+    """{data: base64} of the file at ``path``."""
+    return {"data": base64.b64encode(read_bytes(_path(args))).decode("ascii")}
+
+
+def write_bytes(path: str, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data``, mode ``mode``, owned by root (when we are root),
+    parents created."""
     _makedirs(os.path.dirname(path))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode & 0o7777)
     try:
@@ -151,6 +156,12 @@ def write_file(args: dict[str, Any]) -> dict[str, Any]:
             view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
+
+
+def write_file(args: dict[str, Any]) -> dict[str, Any]:
+    """Replace ``path`` with ``data`` (base64), mode ``mode``, owned by root, parents made."""
+    mode = int(args.get("mode", 0o644))
+    write_bytes(_path(args), base64.b64decode(args.get("data") or ""), mode)
     return {}
 
 
@@ -158,9 +169,8 @@ def _record(st: os.stat_result) -> dict[str, int]:
     return {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "size": st.st_size}
 
 
-def stat_path(args: dict[str, Any]) -> dict[str, Any]:
+def stat_pair(path: str) -> dict[str, Any]:
     """{lstat, stat} of ``path`` (stat null for a dangling link); ENOENT if missing."""
-    path = _path(args)
     lst = os.lstat(path)
     try:
         st: dict[str, int] | None = _record(os.stat(path))
@@ -169,29 +179,43 @@ def stat_path(args: dict[str, Any]) -> dict[str, Any]:
     return {"lstat": _record(lst), "stat": st}
 
 
-def sha256(args: dict[str, Any]) -> dict[str, Any]:
-    """{sha256: hex} of the file at ``path``."""
+def stat_path(args: dict[str, Any]) -> dict[str, Any]:
+    """{lstat, stat} of ``path`` (stat null for a dangling link); ENOENT if missing."""
+    return stat_pair(_path(args))
+
+
+def sha256_hex(path: str) -> str:
+    """The hex sha256 of the file at ``path``."""
     import hashlib
 
     digest = hashlib.sha256()
-    with open(_path(args), "rb") as f:
+    with open(path, "rb") as f:
         while True:
             chunk = f.read(_CHUNK)
             if not chunk:
                 break
             digest.update(chunk)
-    return {"sha256": digest.hexdigest()}
+    return digest.hexdigest()
 
 
-def remove(args: dict[str, Any]) -> dict[str, Any]:
+def sha256(args: dict[str, Any]) -> dict[str, Any]:
+    """{sha256: hex} of the file at ``path``."""
+    return {"sha256": sha256_hex(_path(args))}
+
+
+def remove_path(path: str) -> None:
     """Remove ``path`` (a tree too); nothing if it does not exist."""
-    path = _path(args)
     if os.path.isdir(path) and not os.path.islink(path):
         import shutil
 
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.unlink(path)
+
+
+def remove(args: dict[str, Any]) -> dict[str, Any]:
+    """Remove ``path`` (a tree too); nothing if it does not exist."""
+    remove_path(_path(args))
     return {}
 
 
@@ -235,16 +259,12 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target_dir: str) -> 
         tar.extract(member, target_dir, numeric_owner=True)
 
 
-def put(args: dict[str, Any]) -> dict[str, Any]:
-    """Unpack the tar in ``data``: a tree into directory ``dest`` (merged), or its one member
-    as ``dest`` (into ``dest`` if that is a directory). Missing parents are created."""
-    dest = _path(args, "dest")
-    is_tree = bool(args.get("tree"))
-    data = base64.b64decode(args.get("data") or "")
-    import io
+def unpack(stream: IO[bytes], dest: str, is_tree: bool) -> None:
+    """Unpack the tar read from ``stream``: a tree into directory ``dest`` (merged), or its one
+    member as ``dest`` (into ``dest`` if that is a directory). Missing parents are created."""
     import tarfile
 
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             if is_tree:
                 _makedirs(dest)
@@ -258,19 +278,32 @@ def put(args: dict[str, Any]) -> dict[str, Any]:
                 if os.path.lexists(dest) and not os.path.isdir(dest):
                     os.unlink(dest)
             _extract(tar, member, target_dir)
+
+
+def put(args: dict[str, Any]) -> dict[str, Any]:
+    """Unpack the tar in ``data`` (base64) at ``dest``, as ``unpack`` does."""
+    import io
+
+    dest = _path(args, "dest")
+    unpack(io.BytesIO(base64.b64decode(args.get("data") or "")), dest, bool(args.get("tree")))
     return {}
 
 
-def get(args: dict[str, Any]) -> dict[str, Any]:
-    """{data: base64 tar} of ``path``: a directory as ``.`` with its contents, anything else
-    as one member named after it."""
-    path = _path(args)
-    st = os.lstat(path)
-    arcname = "." if stat.S_ISDIR(st.st_mode) else os.path.basename(path.rstrip("/")) or "file"
-    import io
+def pack(path: str, stream: IO[bytes]) -> None:
+    """Write a tar of ``path`` to ``stream``: a directory as ``.`` with its contents, anything
+    else as one member named after it."""
     import tarfile
 
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w|") as tar:
+    st = os.lstat(path)
+    arcname = "." if stat.S_ISDIR(st.st_mode) else os.path.basename(path.rstrip("/")) or "file"
+    with tarfile.open(fileobj=stream, mode="w|") as tar:
         tar.add(path, arcname=arcname, recursive=True)
+
+
+def get(args: dict[str, Any]) -> dict[str, Any]:
+    """{data: base64 tar} of ``path``, as ``pack`` makes it."""
+    import io
+
+    buffer = io.BytesIO()
+    pack(_path(args), buffer)
     return {"data": base64.b64encode(buffer.getvalue()).decode("ascii")}

@@ -6,7 +6,7 @@ set -euo pipefail
 # containers: liblxc and its Python bindings' build needs, debootstrap, busybox, newuidmap;
 # VMs: QEMU, qemu-img, mkfs.ext4 (e2fsprogs)
 PACKAGES=(lxc lxc-dev pkg-config debootstrap busybox-static uidmap
-          qemu-system-x86 qemu-utils e2fsprogs)
+          qemu-system-x86 qemu-utils e2fsprogs lz4 zstd)
 ID_RANGE=1000000-1065535  # host ids of root..65535 inside unprivileged containers
 
 if [ "$(id -u)" -ne 0 ]; then

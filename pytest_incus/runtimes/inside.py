@@ -13,97 +13,34 @@ container, never on the host. Two entry points run there:
 
 Both end their process themselves (exec or ``os._exit``); they never return into the forked
 copy of pytest. Everything they use is imported at the top of this module: once attached, an
-import would search the container's filesystem.
+import would search the container's filesystem. The user lookup and the file operations are the
+guest agent's own (``guest_agent``, standard library only), so they mean the same in a VM.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
+import gc
+import hashlib  # noqa: F401  (used lazily by guest_agent.files: imported before attaching)
+import io  # noqa: F401  (the same)
 import json
 import os
 import selectors
-import shutil
+import shutil  # noqa: F401  (the same)
 import signal
 import socket
-import stat
 import subprocess
-import tarfile
+import tarfile  # noqa: F401  (the same)
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+from guest_agent import files
+from guest_agent.errors import CommandError
+from guest_agent.execute import lookup_user, not_runnable, working_dir
+
 MAX_FDS = 4  # per request: the reply socket and up to three stdio pipes
 MAX_REQUEST = 1 << 20
 _CHUNK = 1 << 16
-
-
-class SetupError(Exception):
-    """A request that cannot be carried out inside (unknown user, missing cwd)."""
-
-
-@dataclass(frozen=True)
-class User:
-    """A user as the container's /etc/passwd and /etc/group describe it."""
-
-    name: str
-    uid: int
-    gid: int
-    home: str
-    shell: str
-    groups: list[int]
-
-    def environment(self, extra: dict[str, str]) -> dict[str, str]:
-        """What a login gives this user, with ``extra`` over it."""
-        base = {
-            "PATH": DEFAULT_PATH,
-            "HOME": self.home,
-            "USER": self.name,
-            "LOGNAME": self.name,
-            "SHELL": self.shell or "/bin/sh",
-        }
-        return {**base, **extra}
-
-
-def lookup_user(user: str | int | None) -> User:
-    """The user named (or numbered) ``user``, root for None; SetupError if unknown."""
-    wanted = 0 if user is None else user
-    fields = None
-    with open("/etc/passwd") as f:
-        for line in f:
-            parts = line.rstrip("\n").split(":")
-            if len(parts) >= 7 and (parts[0] == wanted or parts[2] == str(wanted)):
-                fields = parts
-                break
-    if fields is None:
-        if not isinstance(wanted, int):
-            raise SetupError(f"no user {wanted!r} in the instance's /etc/passwd")
-        fields = [str(wanted), "x", str(wanted), str(wanted), "", "/", "/bin/sh"]
-    name, uid, gid = fields[0], int(fields[2]), int(fields[3])
-    return User(name, uid, gid, fields[5], fields[6], _groups_of(name, gid))
-
-
-def _groups_of(name: str, gid: int) -> list[int]:
-    groups = {gid}
-    try:
-        with open("/etc/group") as f:
-            for line in f:
-                fields = line.rstrip("\n").split(":")
-                if len(fields) >= 4 and name in fields[3].split(","):
-                    groups.add(int(fields[2]))
-    except OSError:
-        pass
-    return sorted(groups)
-
-
-def _working_dir(user: User, cwd: str | None) -> str:
-    if cwd is not None:
-        if not os.path.isdir(cwd):
-            raise SetupError(f"cannot enter cwd {cwd!r}: no such directory")
-        return cwd
-    return user.home if os.path.isdir(user.home) else "/"
 
 
 def _clean_process(keep: int) -> None:
@@ -113,6 +50,10 @@ def _clean_process(keep: int) -> None:
     SIGPIPE, and ``yes | head`` would then never end) and an empty signal mask."""
     os.closerange(3, keep)
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    _default_signals()
+
+
+def _default_signals() -> None:
     for sig in signal.valid_signals():
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
             with contextlib.suppress(OSError, ValueError):
@@ -120,12 +61,18 @@ def _clean_process(keep: int) -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
-def _not_runnable(program: str, exc: OSError) -> tuple[int, bytes]:
-    """Exit code and message for a program that cannot be executed, as a shell gives them:
-    127 for one that does not exist, 126 for one that cannot run."""
-    missing = exc.errno in (errno.ENOENT, errno.ENOTDIR)
-    message = "not found" if missing else (exc.strerror or str(exc))
-    return (127 if missing else 126), f"{program}: {message}\n".encode()
+def _neuter_inherited_fds(keep: int) -> None:
+    """For a process that goes on running the forked copy of pytest: point every inherited fd
+    but 0, 1, 2 and ``keep`` at /dev/null instead of closing it. The copied Python objects that
+    own those fds (files, sockets) still exist, and one that is finalized later closes its fd
+    number: closed now, that number could by then belong to a pipe of ours."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        if fd > 2 and fd not in (keep, null):
+            with contextlib.suppress(OSError):  # the listing's own fd, gone by now
+                os.dup2(null, fd)
+    os.close(null)
 
 
 def _fail(status_fd: int, message: str) -> NoReturn:
@@ -145,130 +92,75 @@ def run_command(
         _clean_process(status_fd)
         os.setsid()
         who = lookup_user(user)
-        workdir = _working_dir(who, cwd)
+        workdir = working_dir(who, cwd)
         os.setgroups(who.groups)
         os.setgid(who.gid)
         os.setuid(who.uid)
         os.chdir(workdir)
-    except SetupError as exc:
+    except CommandError as exc:
         _fail(status_fd, str(exc))
     except BaseException as exc:
         _fail(status_fd, f"{type(exc).__name__}: {exc}")
     try:
         os.execvpe(argv[0], argv, who.environment(env))
     except OSError as exc:
-        code, message = _not_runnable(argv[0], exc)
+        code, message = not_runnable(argv[0], exc)
         os.write(2, message)
         os._exit(code)
     os._exit(126)
 
 
-# -- file operations ----------------------------------------------------------------------
+# -- file operations (the guest agent's, so they mean the same in containers and VMs) -------
 
 
-def _copy(src: int, dst: int) -> None:
-    while chunk := os.read(src, _CHUNK):
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst, view) :]
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, _CHUNK):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def _makedirs(path: str) -> None:
-    if path and not os.path.isdir(path):
-        os.makedirs(path, mode=0o755, exist_ok=True)
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def op_read(src: int, dst: int, path: str) -> None:
     """Write the content of ``path`` to ``dst``."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        _copy(fd, dst)
-    finally:
-        os.close(fd)
+    _write_all(dst, files.read_bytes(path))
 
 
 def op_write(src: int, dst: int, path: str, mode: int) -> None:
     """Replace ``path`` with the data from ``src``, owned by root, parents created."""
-    _makedirs(os.path.dirname(path))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchown(fd, 0, 0)
-        os.fchmod(fd, mode)
-        _copy(src, fd)
-    finally:
-        os.close(fd)
-
-
-def _stat_record(st: os.stat_result) -> dict[str, int]:
-    return {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "size": st.st_size}
+    files.write_bytes(path, _read_all(src), mode)
 
 
 def op_stat(src: int, dst: int, path: str) -> None:
     """Write {lstat, stat} of ``path`` as JSON (stat null for a dangling link)."""
-    lst = os.lstat(path)
-    try:
-        st: dict[str, int] | None = _stat_record(os.stat(path))
-    except FileNotFoundError:
-        st = None
-    os.write(dst, json.dumps({"lstat": _stat_record(lst), "stat": st}).encode())
+    _write_all(dst, json.dumps(files.stat_pair(path)).encode())
 
 
 def op_sha256(src: int, dst: int, path: str) -> None:
     """Write the hex sha256 of the file at ``path``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    os.write(dst, digest.hexdigest().encode())
-
-
-def _keep_mode(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """tarfile's "tar" filter (nothing outside ``dest``), but with the mode as pushed: that
-    filter drops setuid, setgid, sticky and group/other write bits, which ``mode=`` may set."""
-    return tarfile.tar_filter(member, dest).replace(mode=member.mode, deep=False)
+    _write_all(dst, files.sha256_hex(path).encode())
 
 
 def op_put(src: int, dst: int, dest: str, is_tree: bool) -> None:
-    """Unpack the tar from ``src``: a tree into directory ``dest`` (merged), or its one file as
-    ``dest`` (into ``dest`` if that is a directory)."""
-    with (
-        os.fdopen(src, "rb", closefd=False) as stream,
-        tarfile.open(fileobj=stream, mode="r|") as tar,
-    ):
-        for member in tar:
-            if is_tree:
-                _makedirs(dest)
-                target_dir = dest
-            elif os.path.isdir(dest):
-                target_dir = dest
-            else:
-                target_dir, member.name = os.path.dirname(dest) or "/", os.path.basename(dest)
-                _makedirs(target_dir)
-                if os.path.lexists(dest) and not os.path.isdir(dest):
-                    os.unlink(dest)
-            tar.extract(member, target_dir, numeric_owner=True, filter=_keep_mode)
+    """Unpack the tar from ``src`` at ``dest`` (see ``guest_agent.files.unpack``)."""
+    with os.fdopen(src, "rb", closefd=False) as stream:
+        files.unpack(stream, dest, is_tree)
 
 
 def op_get(src: int, dst: int, path: str) -> None:
-    """Write a tar of ``path`` to ``dst``: a directory as ``.`` with its contents, anything
-    else as one member named after it."""
-    st = os.lstat(path)
-    arcname = "." if stat.S_ISDIR(st.st_mode) else os.path.basename(path.rstrip("/")) or "file"
-    with (
-        os.fdopen(dst, "wb", closefd=False) as stream,
-        tarfile.open(fileobj=stream, mode="w|") as tar,
-    ):
-        tar.add(path, arcname=arcname, recursive=True)
+    """Write a tar of ``path`` to ``dst`` (see ``guest_agent.files.pack``)."""
+    with os.fdopen(dst, "wb", closefd=False) as stream:
+        files.pack(path, stream)
 
 
 def op_remove(src: int, dst: int, path: str) -> None:
     """Remove ``path`` (a tree too); nothing if it does not exist."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
+    files.remove_path(path)
 
 
 OPERATIONS: dict[str, Callable[..., None]] = {
@@ -353,8 +245,8 @@ class _Server:
         argv = request["argv"]
         try:
             who = lookup_user(request["user"])
-            workdir = _working_dir(who, request["cwd"])
-        except SetupError as exc:
+            workdir = working_dir(who, request["cwd"])
+        except CommandError as exc:
             _send(reply, _error("setup", str(exc)))
             reply.close()
             return
@@ -375,7 +267,7 @@ class _Server:
                 extra_groups=who.groups if switch else None,
             )
         except OSError as exc:
-            code, message = _not_runnable(argv[0], exc)
+            code, message = not_runnable(argv[0], exc)
             with contextlib.suppress(OSError):
                 os.write(stdio[2], message)
             _send(reply, {"exit": code})
@@ -417,7 +309,9 @@ def serve(payload: tuple[int]) -> int:
     closes it, then exit."""
     (sock_fd,) = payload
     try:
-        _clean_process(sock_fd)
+        gc.disable()  # no finalizer of a copied object runs at a time we do not choose
+        _neuter_inherited_fds(sock_fd)
+        _default_signals()
         # Become a child of the container's init: the attached process is the host caller's
         # child, and its zombie, which only the caller could reap, would keep the container's
         # pid namespace (and so the container) from ever ending.

@@ -52,6 +52,9 @@ AGENT_SLICE = 0.5  # connect to the agent in slices this long, to notice QEMU's 
 STOP_GRACE = 5.0  # seconds for QEMU to quit over QMP before it is killed
 READY_POLL = 0.05
 QBOOT = Path("/usr/share/qemu/qboot.rom")
+# the PC without the devices a test VM never uses (PS/2 controller, SMBus, HPET: the kernel
+# probes each at boot; TSC is the clock); -0.1 to -0.2 s of boot under TCG, measured
+MACHINE = "pc,i8042=off,smbus=off,hpet=off"
 DISK = "disk.qcow2"
 BASE = "base.qcow2"  # a hard link to the image's disk: see _pin
 CONSOLE = "console.log"
@@ -240,10 +243,12 @@ class VirtualMachine:
         d = self.directory
         spec = self.spec
         memory = spec.memory or DEFAULT_MEMORY
-        kernel = spec.kernel or str(self.image.kernel)
+        # the image's unpacked ELF kernel when it has one (booted through PVH: no
+        # self-decompression, 0.8-1.1 s less under TCG), else its bzImage
+        kernel = spec.kernel or str(vm_images.boot_kernel(self.image.path))
         argv = [accel.QEMU, "-name", f"pytest-incus {self.name}", "-nodefaults"]
         argv += ["-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot"]
-        argv += ["-machine", "pc", *self.accel.qemu_args]
+        argv += ["-machine", MACHINE, *self.accel.qemu_args]
         if QBOOT.exists():
             argv += ["-bios", str(QBOOT)]  # boots a kernel much faster than SeaBIOS
         argv += ["-smp", str(spec.cpus or DEFAULT_CPUS), "-m", f"{-(-memory // MIB)}M"]

@@ -81,6 +81,7 @@ def test_entry_record(image: Image, settings: Settings) -> None:
         "disk.qcow2",
         "image.json",
         "initrd.img",
+        "vmlinux",  # the same kernel unpacked: what QEMU boots
         "vmlinuz",
     ]
     assert image.size >= image.disk.stat().st_blocks * 512
@@ -152,3 +153,10 @@ def test_disk_has_agent_units_and_masks(image: Image, raw_disk: Path) -> None:
     assert debugfs(raw_disk, "cat /etc/fstab").startswith("/dev/vda / ext4 ")
     for binary in ("/usr/sbin/qemu-ga", "/usr/bin/python3", "/usr/lib/python3.11/json/__init__.py"):
         assert "Inode:" in debugfs(raw_disk, f"stat {binary}"), binary
+
+
+def test_image_boots_the_unpacked_kernel(image: Image) -> None:
+    elf = (image.path / vm.VMLINUX).read_bytes()
+    assert elf[:4] == b"\x7fELF"
+    assert vm.elf_kernel((image.path / vm.KERNEL).read_bytes()) == elf
+    assert vm.boot_kernel(image.path) == image.path / vm.VMLINUX
