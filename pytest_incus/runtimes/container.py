@@ -282,7 +282,7 @@ class Container:
             raise self._start_error(
                 f"no command can run in it ({exc}); is its /sbin/init a working init?"
             ) from exc
-        if not self._c.running:
+        if not self.running():
             raise self._start_error("its init exited at once; is its /sbin/init a working init?")
 
     def _wait_systemd(self, deadline: float) -> None:
@@ -291,7 +291,7 @@ class Container:
         )
         last = ""
         while time.monotonic() < deadline:
-            if not self._c.running:
+            if not self.running():
                 raise self._start_error("the container stopped while booting")
             try:
                 result = self.exec(request)
@@ -329,15 +329,16 @@ class Container:
 
     def running(self) -> bool:
         """True while the container runs."""
+        self._server.reap()  # a container whose init ended waits for that zombie to go
         return bool(self._c.running)
 
     def stop(self, timeout: float, force: bool) -> None:
         """Shut down cleanly (the init's halt signal) within ``timeout``, then kill."""
+        self._server.close()  # first: its zombie would keep the container from ending
         if self._c.running:
             if force or not self._c.shutdown(max(1, round(timeout))):
                 self._c.stop()
             self._c.wait("STOPPED", STOP_GRACE)
-        self._server.close()
         cgroups.remove(self.name, _recorded_cgroups(self.directory))
 
     def destroy(self) -> None:

@@ -312,11 +312,6 @@ def serve(payload: tuple[int]) -> int:
         gc.disable()  # no finalizer of a copied object runs at a time we do not choose
         _neuter_inherited_fds(sock_fd)
         _default_signals()
-        # Become a child of the container's init: the attached process is the host caller's
-        # child, and its zombie, which only the caller could reap, would keep the container's
-        # pid namespace (and so the container) from ever ending.
-        if os.fork():
-            os._exit(0)
         # a host that went away must not kill us with SIGPIPE mid-reply; commands get the
         # default back (subprocess restores it)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)

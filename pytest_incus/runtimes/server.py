@@ -1,6 +1,9 @@
 """The host side of the exec server that runs inside each container (``inside.serve``).
 
 The server is attached once, at the first request, and lives as long as the container runs.
+It is our child (liblxc makes the attached process a child of the caller): its exit must be
+collected before anything waits for the container to end, since a zombie in the container's
+pid namespace keeps the container from ending (``reap``).
 Each request gets its own socket pair for the reply and its own stdio pipes, all passed to the
 server as file descriptors, so requests from several threads never share a channel. A server
 that is gone (the container stopped or restarted) is started again on the next request.
@@ -8,11 +11,13 @@ that is gone (the container stopped or restarted) is started again on the next r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +25,7 @@ from pytest_incus.errors import IncusError
 from pytest_incus.runtimes import inside, process
 
 REPLY_SIZE = 1 << 16
+CLOSE_GRACE = 2.0  # seconds for the server to exit once its socket is closed
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ class ExecServer:
         self._env_policy = env_policy
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._pid: int | None = None
 
     def request(
         self, message: dict[str, Any], data: bytes | None = None, timeout: float | None = None
@@ -106,7 +113,27 @@ class ExecServer:
                 theirs.close()
             reply = _Reply(ours)
             stdout, stderr, timed_out = pipes.communicate(reply, data, timeout)
+        if reply.error and reply.error["kind"] == "gone":
+            self.reap()
         return Outcome(reply.exit_code, stdout, stderr, reply.error, timed_out)
+
+    def reap(self) -> bool:
+        """Collect the server's exit if it has ended (the container stopped); True if it is
+        gone. Call before waiting for the container to end."""
+        with self._lock:
+            if self._pid is None:
+                return True
+            try:
+                done, _ = os.waitpid(self._pid, os.WNOHANG)
+            except ChildProcessError:
+                done = self._pid
+            if not done:
+                return False
+            self._pid = None
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            return True
 
     def _send(self, data: bytes, fds: list[int]) -> None:
         for attempt in range(2):
@@ -126,10 +153,10 @@ class ExecServer:
     def _connected(self) -> socket.socket:
         with self._lock:
             if self._sock is None:
-                self._sock = self._start()
+                self._sock, self._pid = self._start()
             return self._sock
 
-    def _start(self) -> socket.socket:
+    def _start(self) -> tuple[socket.socket, int]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         devnull = os.open(os.devnull, os.O_RDWR)
         try:
@@ -150,13 +177,24 @@ class ExecServer:
                 f"container {self._name}: liblxc could not attach its exec server; "
                 "is the container running?"
             )
-        # the attached process forks the server off to the container's init and exits
-        os.waitpid(pid, 0)
-        return ours
+        return ours, pid
 
     def close(self) -> None:
-        """Close the server's socket; the server exits when it sees that."""
+        """Close the server's socket, wait for the server to exit (it does when it sees
+        that; past CLOSE_GRACE it is killed) and collect its exit."""
         with self._lock:
             sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+        deadline = time.monotonic() + CLOSE_GRACE
+        while not self.reap():
+            if time.monotonic() > deadline:
+                with self._lock:
+                    pid = self._pid
+                if pid is not None:
+                    process.kill_tree(pid)
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, 0)
+                    self._pid = None
+                return
+            time.sleep(0.001)
