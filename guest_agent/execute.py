@@ -106,8 +106,9 @@ def not_runnable(program: str, exc: OSError) -> tuple[int, bytes]:
     return (127 if missing else 126), f"{program}: {message}\n".encode()
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
+def processes() -> list[tuple[int, bytes, int]]:
+    """(pid, state letter, parent pid) of every process, from /proc."""
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -118,7 +119,14 @@ def _children() -> dict[int, list[int]]:
             continue
         # the command name may hold spaces and parentheses: fields follow the last ")"
         fields = stat[stat.rfind(b")") + 2 :].split()
-        tree.setdefault(int(fields[1]), []).append(int(entry))
+        found.append((int(entry), fields[0], int(fields[1])))
+    return found
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for pid, _, parent in processes():
+        tree.setdefault(parent, []).append(pid)
     return tree
 
 

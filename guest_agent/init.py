@@ -98,19 +98,13 @@ def reap_orphans(keep: Callable[[], set[int]]) -> None:
 
 
 def _reap_by_proc(keep: Callable[[], set[int]]) -> None:
-    mine = str(os.getpid())
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if fields[0] == b"Z" and fields[1].decode() == mine and int(entry) not in keep():
+    from guest_agent.execute import processes
+
+    mine = os.getpid()
+    for pid, state, parent in processes():
+        if state == b"Z" and parent == mine and pid not in keep():
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(int(entry), os.WNOHANG)
+                os.waitpid(pid, os.WNOHANG)
 
 
 def power(mode: str) -> None:
