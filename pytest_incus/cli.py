@@ -21,7 +21,11 @@ DOCTOR_DEADLINE = 30.0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings(cache_dir=Path(args.cache_dir).absolute(), mirror=args.mirror)
+    return Settings(
+        cache_dir=Path(args.cache_dir).absolute(),
+        mirror=args.mirror,
+        insecure_registries=frozenset(args.insecure_registry),
+    )
 
 
 def _print_progress(message: str) -> None:
@@ -216,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="image cache and instance directory (default %(default)s)",
     )
     parser.add_argument("--mirror", default=DEFAULT_MIRROR, help="Debian mirror for builds")
+    parser.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="an OCI registry to reach over plain HTTP (repeatable)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="check what this host can run").set_defaults(func=cmd_doctor)
     images = sub.add_parser("images", help="list, build or prune cached images")
@@ -223,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("images", nargs="*", help="image names (build, prune)")
     images.add_argument(
         "--kind",
-        choices=("container", "vm"),
+        choices=("container", "vm", "app"),
         default="container",
         help="build: the kind of instance the image is for (default container)",
     )

@@ -77,6 +77,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "kvm or tcg",
     )
     group.addoption(
+        "--incus-insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="an OCI registry to reach over plain HTTP or with an unverified certificate "
+        "(repeatable)",
+    )
+    group.addoption(
         "--incus-skip-unavailable",
         action="store_true",
         default=None,
@@ -101,6 +109,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("incus_cache_dir", "ini form of --incus-cache-dir", default="")
     parser.addini("incus_mirror", "ini form of --incus-mirror", default=DEFAULT_MIRROR)
     parser.addini("incus_accel", "ini form of --incus-accel", default="auto")
+    parser.addini(
+        "incus_insecure_registries",
+        "ini form of --incus-insecure-registry: one HOST[:PORT] per line",
+        type="linelist",
+        default=[],
+    )
     parser.addini(
         "incus_skip_unavailable", "ini form of --incus-skip-unavailable", type="bool", default=False
     )
@@ -128,6 +142,12 @@ def _settings(config: pytest.Config) -> Settings:
         keep=option("incus_keep", "incus_keep"),
         skip_unavailable=bool(option("incus_skip_unavailable", "incus_skip_unavailable")),
         accel=option("incus_accel", "incus_accel"),
+        insecure_registries=frozenset(
+            [
+                *config.getini("incus_insecure_registries"),
+                *config.getoption("incus_insecure_registry"),
+            ]
+        ),
     )
 
 

@@ -38,6 +38,7 @@ class Settings:
     keep: str = "never"
     skip_unavailable: bool = False
     accel: str = "auto"  # VMs: "kvm", "tcg", or "auto" (probe that KVM really runs a guest)
+    insecure_registries: frozenset[str] = frozenset()  # host[:port] of plain-HTTP registries
 
     def __post_init__(self) -> None:
         path = str(self.cache_dir)

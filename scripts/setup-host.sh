@@ -4,9 +4,11 @@
 set -euo pipefail
 
 # containers: liblxc and its Python bindings' build needs, debootstrap, busybox, newuidmap;
-# VMs: QEMU, qemu-img, mkfs.ext4 (e2fsprogs)
+# VMs: QEMU, qemu-img, mkfs.ext4 (e2fsprogs), lz4 and zstd (Debian's kernels are packed with
+# them); OCI images: skopeo, umoci, and docker-registry for the tests' loopback registries
 PACKAGES=(lxc lxc-dev pkg-config debootstrap busybox-static uidmap
-          qemu-system-x86 qemu-utils e2fsprogs lz4 zstd)
+          qemu-system-x86 qemu-utils e2fsprogs lz4 zstd
+          skopeo umoci docker-registry)
 ID_RANGE=1000000-1065535  # host ids of root..65535 inside unprivileged containers
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -20,6 +22,13 @@ for p in "${PACKAGES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup-host: installing ${missing[*]}"
+  # no service of these packages (docker-registry's) may start on the host: tests start their
+  # own registries on loopback
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+  fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

@@ -5,6 +5,8 @@ Layout below the cache directory::
     images/<key>/rootfs/        the image's root filesystem (containers)
     images/<key>.vmroot/rootfs/ the root filesystem that VM images of <key> are made from
     images/<key>.vm/disk.qcow2  a VM image: its disk, vmlinuz and initrd.img (images/vm.py)
+    images/oci-<digest>/rootfs/ an OCI image unpacked by umoci, keyed by its manifest digest
+                                (blobs live once in the shared layout: see images/oci.py)
     images/<key>/image.json     its record; written last, so it is the completion stamp
     images/<key>.lock           held while the entry is checked, built or removed
     images/builds.jsonl         one line per builder run, appended under the entry's lock
@@ -32,7 +34,7 @@ import filelock
 
 from pytest_incus import fsutil
 from pytest_incus.errors import ConfigError, ImageError
-from pytest_incus.images import busybox, debian, local, shift, vm
+from pytest_incus.images import busybox, debian, local, oci, shift, vm
 from pytest_incus.images.ref import ImageRef, parse_ref
 from pytest_incus.settings import Settings
 
@@ -44,7 +46,7 @@ LOCK_TIMEOUT = 3600.0
 
 Progress = Callable[[str], None]
 BuildHook = Callable[[str, Path], bool | None]
-KINDS = ("container", "vm")
+KINDS = ("container", "vm", "app")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Built:
 
     init: str
     kernel_release: str | None = None
+    app: oci.AppConfig | None = None
 
 
 _counter = itertools.count()
@@ -72,6 +75,7 @@ class Image:
     base: str | None = None  # the entry it was made from (uid-shifted copy; VM image's rootfs)
     recipe: str = ""  # version of the build steps; an entry of another recipe is rebuilt
     kernel_release: str | None = None  # a VM image's kernel (``uname -r`` in the guest)
+    app: oci.AppConfig | None = None  # an app image's OCI config (Entrypoint, Cmd, Env, ...)
 
     @property
     def rootfs(self) -> Path:
@@ -116,8 +120,9 @@ class Image:
                 base=data.get("base"),
                 recipe=str(data.get("recipe", "")),
                 kernel_release=data.get("kernel_release"),
+                app=oci.AppConfig.from_json(data["app"]) if data.get("app") else None,
             )
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             return None
         return image if image._complete() else None
 
@@ -148,6 +153,8 @@ class ImageStore:
         """Ensure ``image`` is cached for ``kind`` and return it, building it if needed.
 
         A ``kind="vm"`` image (only ``debian/<release>``) is a disk, a kernel and an initrd.
+        A ``kind="app"`` image is an OCI reference (``docker://``, ``oci:``, ``oci-archive:``)
+        unpacked by umoci; its record carries the image config (``Image.app``).
         """
         if kind not in KINDS:
             raise ConfigError(
@@ -155,7 +162,9 @@ class ImageStore:
                 f"this version builds images for {' and '.join(KINDS)}"
             )
         ref = parse_ref(image)
-        if ref.source in ("simplestreams", "oci"):
+        if kind == "app" or ref.source == "oci":
+            return self._get_app(ref, kind)
+        if ref.source == "simplestreams":
             raise ConfigError(
                 f"image {image!r}: {ref.source} images are not supported yet by this "
                 "version; use busybox, debian/<release> or a rootfs path"
@@ -173,6 +182,29 @@ class ImageStore:
             kind=kind,
             recipe=recipe,
         )
+        self._seen[ref.key] = entry
+        return entry
+
+    def _get_app(self, ref: ImageRef, kind: str) -> Image:
+        if ref.source != "oci" or kind != "app":
+            raise ConfigError(
+                f"image {ref.name!r} with kind={kind!r}: OCI references (docker://, oci:, "
+                "oci-archive:) are app images and app images are OCI references; "
+                "use kind='app' with an OCI reference"
+            )
+        # a tag is resolved once per store (a session); the entry is keyed by the digest
+        cached = self._seen.get(ref.key)
+        if cached is not None and (cached.path / RECORD).exists():
+            return cached
+        oci.require_tools()
+        insecure = self.settings.insecure_registries
+        resolved = oci.resolve(ref.name, insecure)
+
+        def make(rootfs: Path) -> Built:
+            config = oci.fetch(resolved, self.settings.cache_dir, rootfs, insecure)
+            return Built("app", app=config)
+
+        entry = self._ensure(resolved.key, make, ref=ref.name, kind="app")
         self._seen[ref.key] = entry
         return entry
 
@@ -229,7 +261,7 @@ class ImageStore:
 
         def make(rootfs: Path) -> Built:
             shift.copy_shifted(image.rootfs, rootfs, base_id)
-            return Built(image.init)
+            return Built(image.init, app=image.app)
 
         entry = self._ensure(
             key, make, ref=image.ref, kind=image.kind, base=image.key, not_older_than=image.created
@@ -255,7 +287,10 @@ class ImageStore:
         ref = parse_ref(image) if image else None
         removed = []
         for entry in self.list():
-            if ref is not None and not ref.keys() & {entry.key, entry.base}:
+            # an OCI entry is keyed by its digest: it matches the name it was fetched as
+            if ref is not None and not (
+                ref.keys() & {entry.key, entry.base} or entry.ref == ref.name
+            ):
                 continue
             if in_use and (entry.key in in_use or entry.base in in_use):
                 continue
@@ -341,7 +376,7 @@ class ImageStore:
             self.progress(f"building image {ref} (once; later runs use the cache)")
         try:
             built = make(rootfs)
-            record = {
+            record: dict[str, object] = {
                 "ref": ref,
                 "kind": kind,
                 "key": key,
@@ -352,6 +387,8 @@ class ImageStore:
                 "size": fsutil.tree_size(staging),
                 "kernel_release": built.kernel_release,
             }
+            if built.app is not None:
+                record["app"] = built.app.to_json()
             fsutil.write_atomic(staging / RECORD, json.dumps(record, indent=1))
             os.chmod(staging, 0o755)
             os.rename(staging, self.settings.images_dir / key)

@@ -84,13 +84,15 @@ def test_failed_build_leaves_nothing(store_settings: Settings) -> None:
     assert not any(store_settings.staging_dir.iterdir())
 
 
-def test_kinds_and_sources_not_supported_yet(store_settings: Settings) -> None:
+def test_kinds_and_sources_that_do_not_match(store_settings: Settings) -> None:
     store = ImageStore(store_settings)
-    with pytest.raises(ConfigError, match="kind='app' images are not supported yet"):
+    with pytest.raises(ConfigError, match="kind='pod' images are not supported yet"):
+        store.get("busybox", kind="pod")
+    with pytest.raises(ConfigError, match="app images are OCI references"):
         store.get("busybox", kind="app")
     with pytest.raises(ConfigError, match="a VM needs an image with a kernel"):
         store.get("busybox", kind="vm")
-    with pytest.raises(ConfigError, match="oci images are not supported yet"):
+    with pytest.raises(ConfigError, match="use kind='app' with an OCI reference"):
         store.get("docker://registry/app:1")
 
 
