@@ -25,3 +25,4 @@ test: lint
 bench: setup
 	bash bench/incus_setup.sh
 	$(PYTHON) bench/launch.py
+	$(PYTHON) bench/vm_launch.py

@@ -20,8 +20,8 @@ raw QEMU
 Both end at the first successful exec of ``true``; the columns' runs alternate, so machine noise
 hits both alike. The exec round trip is the median of ``true`` run through the agent of one
 init="agent" VM. Targets (issue 3): init="agent" <= 3 s median, systemd within 1.3x of raw
-QEMU, exec round trip <= 20 ms. Exit status 1 when a target is missed (``--lenient``: only when
-something fails outright).
+QEMU, exec round trip <= 20 ms. Exit status 1 when the ratio target is missed, or anything
+fails outright; with ``--strict`` also when an absolute target (for a quiet machine) is missed.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small N, a smoke test")
     parser.add_argument("--runs", type=int, default=None, help="launches per column")
-    parser.add_argument("--lenient", action="store_true", help="exit 0 when targets are missed")
+    parser.add_argument("--strict", action="store_true", help="absolute targets fail too")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     args = parser.parse_args()
     runs = args.runs or (2 if args.quick else 5)
@@ -141,7 +141,7 @@ def main() -> int:
     finally:
         factory.close()
 
-    failed = []
+    verdicts: list[tuple[bool, str, bool]] = []  # (met, what, is a ratio)
     print(f"\n{'init':10} {'plugin median':>14} {'raw median':>11} {'ratio':>6}   (s, {runs} runs)")
     for init, columns in figures.items():
         plugin = statistics.median(columns["plugin"])
@@ -149,21 +149,28 @@ def main() -> int:
         print(f"{init:10} {plugin:14.2f} {raw:11.2f} {plugin / raw:6.2f}")
         print(f"{'':10} plugin runs: {' '.join(f'{t:.2f}' for t in columns['plugin'])}")
         print(f"{'':10} raw runs:    {' '.join(f'{t:.2f}' for t in columns['raw'])}")
-        if init == "agent" and plugin > 3.0:
-            failed.append(f'init="agent" median {plugin:.2f}s > 3 s')
-        if init == "systemd" and plugin > 1.3 * raw:
-            failed.append(f'init="systemd" {plugin / raw:.2f}x raw QEMU > 1.3x')
+        if init == "agent":
+            verdicts.append((plugin <= 3.0, f'init="agent" {plugin:.2f} s <= 3 s', False))
+        else:
+            verdicts.append(
+                (
+                    plugin <= 1.3 * raw,
+                    f'init="{init}" plugin/raw QEMU {plugin / raw:.2f} <= 1.3',
+                    True,
+                )
+            )
     median_ms = statistics.median(round_trips) * 1000
     print(
         f"\nagent exec round trip: median {median_ms:.1f} ms, "
         f"min {min(round_trips) * 1000:.1f} ms, max {max(round_trips) * 1000:.1f} ms "
         f"({execs} execs of true)"
     )
-    if median_ms > 20:
-        failed.append(f"exec round trip {median_ms:.1f} ms > 20 ms")
-    for miss in failed:
-        print(f"target missed: {miss}")
-    return 1 if failed and not args.lenient else 0
+    verdicts.append((median_ms <= 20, f"agent exec round trip {median_ms:.1f} ms <= 20 ms", False))
+    print()
+    for met, what, ratio in verdicts:
+        print(f"{'PASS' if met else 'FAIL'}  {what}{'' if ratio else ' (quiet machine)'}")
+    failed = [what for met, what, ratio in verdicts if not met and (ratio or args.strict)]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
