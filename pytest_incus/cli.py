@@ -61,17 +61,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"container: cannot run: {reason}")
         problems += 1
     problems += _doctor_vm(settings)
-    for kind in ("app",):
-        if kind not in RUNTIMES:
-            # a kind this version does not have yet is not a problem of this host
-            print(f"{kind}: not implemented yet in this version of pytest-incus")
-            continue
-        reason = RUNTIMES[kind].unavailable()
-        if reason is None:
-            print(f"{kind}: ok")
-        else:
-            print(f"{kind}: cannot run: {reason}")
-            problems += 1
+    reason = RUNTIMES["app"].unavailable()
+    if reason is None:
+        print("app: ok (liblxc, lxc-execute, skopeo and umoci present)")
+    else:
+        print(f"app: cannot run: {reason}")
+        problems += 1
     return 1 if problems else 0
 
 

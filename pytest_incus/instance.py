@@ -296,6 +296,11 @@ class Instance:
         """The console log (containers, VMs) or the app's output (apps)."""
         return self.machine.logs()
 
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the app's main process to end (kind="app") and return its exit code;
+        TimeoutError past ``timeout`` seconds."""
+        return self.machine.wait(timeout)
+
 
 def _host_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     """Extract safely on the host: nothing outside ``dest``, no ownership from the instance."""

@@ -13,7 +13,7 @@ from pytest_incus.errors import ConfigError
 DEBIAN_RELEASES = {"11": "bullseye", "12": "bookworm", "13": "trixie", "14": "forky"}
 DEBIAN_NUMBERS = {codename: number for number, codename in DEBIAN_RELEASES.items()}
 
-_OCI_PREFIXES = ("docker://", "oci:", "oci-archive:", "docker-archive:")
+OCI_PREFIXES = ("docker://", "oci:", "oci-archive:", "docker-archive:")
 _HOOK_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/+-]*$")
 
 
@@ -66,7 +66,7 @@ def parse_ref(image: str) -> ImageRef:
         return ImageRef(image, "debian", f"debian-{codename}", release=codename)
     if image.startswith("images:"):
         return ImageRef(image, "simplestreams", "ss-" + image[7:].replace("/", "-"))
-    if image.startswith(_OCI_PREFIXES):
+    if image.startswith(OCI_PREFIXES):
         return ImageRef(image, "oci", "oci-" + hashlib.sha256(image.encode()).hexdigest()[:16])
     if image.startswith(("/", "./", "../", "~")) or (os.sep in image and Path(image).exists()):
         path = Path(image).expanduser().resolve()

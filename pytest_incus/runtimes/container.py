@@ -237,16 +237,19 @@ class Container:
                 f"lxc.mount.entry = {Path(host_path).resolve()} {inner.lstrip('/')} none "
                 f"bind,ro,create={kind} 0 0"
             )
+        lines += self._extra_config()
         fsutil.write_atomic(d / "config", "\n".join(lines) + "\n")
+
+    def _extra_config(self) -> list[str]:
+        """More LXC config lines, for kinds built on this one (apps)."""
+        return []
 
     # -- life cycle ----------------------------------------------------------------------
 
     def start(self) -> None:
         """Start, then wait until init has finished booting."""
         deadline = time.monotonic() + self.spec.boot_timeout
-        # liblxc makes the container's cgroups next to ours: record where, before they exist
-        home = cgroups.own()
-        fsutil.write_atomic(self.directory / "cgroups.json", json.dumps([str(p) for p in home]))
+        self._record_cgroups()
         # Started by lxc-start, not by the bindings' start(): that one forks this whole
         # process and (liblxc 5.0) moves the caller into the monitor's cgroup, which then has to
         # be undone in every hierarchy; the small lxc-start process takes both costs for us.
@@ -271,6 +274,12 @@ class Container:
             self._wait_systemd(deadline)
         elif self.image.init != "busybox":
             self._check_exec_works()
+
+    def _record_cgroups(self) -> None:
+        """liblxc makes the container's cgroups next to ours: record where, before they
+        exist, so that teardown and reap find them."""
+        home = cgroups.own()
+        fsutil.write_atomic(self.directory / "cgroups.json", json.dumps([str(p) for p in home]))
 
     def _check_exec_works(self) -> None:
         """For an init we know nothing of: ready at once, but only if it still runs and a
@@ -364,6 +373,13 @@ class Container:
     def logs(self) -> str:
         """The console log."""
         return _read(self.directory / "console.log")
+
+    def wait(self, timeout: float | None) -> int:
+        """Not for system containers: their init runs until the container stops."""
+        raise IncusError(
+            f"container {self.name}: wait() is for kind='app' instances; a system container's "
+            "init runs until it is stopped (use stop())"
+        )
 
     # -- running things inside -----------------------------------------------------------
 

@@ -130,7 +130,12 @@ class Machine(Protocol):
         ...
 
     def logs(self) -> str:
-        """The console log."""
+        """The console log (for an app: its output)."""
+        ...
+
+    def wait(self, timeout: float | None) -> int:
+        """Wait for an app's main process to end; its exit code. IncusError for kinds whose
+        init does not end."""
         ...
 
 

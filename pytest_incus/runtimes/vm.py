@@ -410,6 +410,13 @@ class VirtualMachine:
         qemu.kill_recorded(self.directory)  # a QEMU that another process of ours started
         _remove_runtime_files(self.directory)
 
+    def wait(self, timeout: float | None) -> int:
+        """Not for VMs: their init runs until the VM stops."""
+        raise IncusError(
+            f"VM {self.name}: wait() is for kind='app' instances; a VM runs until it is "
+            "stopped (use stop())"
+        )
+
     def logs(self) -> str:
         """The serial console log, every boot of this instance."""
         try:
