@@ -26,3 +26,4 @@ bench: setup
 	bash bench/incus_setup.sh
 	$(PYTHON) bench/launch.py
 	$(PYTHON) bench/vm_launch.py
+	$(PYTHON) bench/app_launch.py
