@@ -130,7 +130,9 @@ class App(Container):
 
     def _extra_config(self) -> list[str]:
         uid, gid = _ids(self.image.rootfs, self.config.user)
-        lines = [f"lxc.init.uid = {uid}", f"lxc.init.gid = {gid}"]
+        # the loopback interface up, as container engines give it (a system container's init
+        # brings it up itself; an app's program does not)
+        lines = ["lxc.net.0.flags = up", f"lxc.init.uid = {uid}", f"lxc.init.gid = {gid}"]
         if self.config.working_dir:
             lines.append(f"lxc.init.cwd = {self.config.working_dir}")
         env = self._image_env()

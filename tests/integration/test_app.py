@@ -103,3 +103,14 @@ def test_wait_is_for_apps(instance_factory: InstanceFactory) -> None:
     with pytest.raises(IncusError, match="wait\\(\\) is for kind='app'"):
         container.wait(1)
     container.delete()
+
+
+def test_loopback_is_up(instance_factory: InstanceFactory, layout: Path) -> None:
+    app = instance_factory.launch(
+        kind="app",
+        image=f"oci:{layout}:plain",
+        command=["/bin/busybox", "cat", "/sys/class/net/lo/operstate"],
+    )
+    assert app.wait(timeout=30) == 0
+    assert app.logs() == "unknown\n"  # what an UP loopback reports; a down one says "down"
+    app.delete()
