@@ -33,7 +33,7 @@ from pytest_incus.errors import (
     tail,
 )
 from pytest_incus.images.store import Image, ImageStore
-from pytest_incus.runtimes import cgroups, inside, process
+from pytest_incus.runtimes import cgroups, inside, process, readiness
 from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, Stat
 from pytest_incus.runtimes.server import ExecServer
 from pytest_incus.spec import InstanceSpec
@@ -295,29 +295,13 @@ class Container:
             raise self._start_error("its init exited at once; is its /sbin/init a working init?")
 
     def _wait_systemd(self, deadline: float) -> None:
-        request = ExecRequest(
-            ("systemctl", "is-system-running", "--wait"), {}, None, None, None, 10.0
-        )
-        last = ""
-        while time.monotonic() < deadline:
-            if not self.running():
-                raise self._start_error("the container stopped while booting")
-            try:
-                result = self.exec(request)
-            except ExecTimeoutError:
-                continue
-            last = (result.stdout + result.stderr).strip()
-            if result.stdout.strip() in ("running", "degraded"):
-                return
-            # "offline" only means systemctl cannot reach the manager yet (early boot, before
-            # its private socket exists): keep polling until the deadline
-            if result.stdout.strip() == "stopping":
-                break
-            time.sleep(READY_POLL)
-        raise self._start_error(
-            f"systemd did not finish booting within {self.spec.boot_timeout}s "
-            f"(is-system-running said {last!r}); raise boot_timeout or "
-            "look at the console log below"
+        readiness.wait_for_systemd(
+            self.exec,
+            self.running,
+            self._start_error,
+            deadline=deadline,
+            boot_timeout=self.spec.boot_timeout,
+            poll=READY_POLL,
         )
 
     def _start_error(self, what: str) -> InstanceStartError:

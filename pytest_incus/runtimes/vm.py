@@ -29,7 +29,6 @@ from pytest_incus.agent.client import AgentClient
 from pytest_incus.errors import (
     AgentError,
     ConfigError,
-    ExecTimeoutError,
     IncusError,
     InstanceStartError,
     tail,
@@ -37,7 +36,7 @@ from pytest_incus.errors import (
 from pytest_incus.images import vm as vm_images
 from pytest_incus.images.ref import parse_ref
 from pytest_incus.images.store import Image, ImageStore
-from pytest_incus.runtimes import accel, qemu
+from pytest_incus.runtimes import accel, qemu, readiness
 from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, Stat
 from pytest_incus.spec import VM_INITS, InstanceSpec
 
@@ -319,30 +318,13 @@ class VirtualMachine:
                 last = exc
 
     def _wait_systemd(self, deadline: float) -> None:
-        last = ""
-        while (left := deadline - time.monotonic()) > 0:
-            if not self.running():
-                raise self._start_error("QEMU ended while systemd was booting")
-            request = ExecRequest(
-                ("systemctl", "is-system-running", "--wait"), {}, "/", None, None, left
-            )
-            try:
-                result = self.exec(request)
-            except ExecTimeoutError:
-                break
-            except AgentError as exc:
-                raise self._start_error(f"the guest agent failed during boot: {exc}") from exc
-            state = result.stdout.strip()
-            last = (result.stdout + result.stderr).strip()
-            if state in ("running", "degraded"):
-                return
-            if state == "stopping":
-                break
-            time.sleep(READY_POLL)  # "offline": systemd's socket not there yet
-        raise self._start_error(
-            f"systemd did not finish booting within {self.spec.boot_timeout}s "
-            f"(is-system-running said {last!r}); raise boot_timeout or look at the console "
-            "log below"
+        readiness.wait_for_systemd(
+            self.exec,
+            self.running,
+            self._start_error,
+            deadline=deadline,
+            boot_timeout=self.spec.boot_timeout,
+            poll=READY_POLL,
         )
 
     def _start_error(self, what: str) -> InstanceStartError:
