@@ -184,3 +184,18 @@ def push(layout: Path, tag: str, registry: Registry, name: str) -> str:
         capture_output=True,
     )
     return ref
+
+
+@contextmanager
+def pushed_busybox(name: str) -> Iterator[tuple[Registry, str, Path]]:
+    """A busybox app image pushed as ``name`` (``repo:tag``) to a registry started on
+    loopback: (registry, reference, the OCI layout it was built in, tag "app")."""
+    work = SCRATCH_ROOT / f"oci-{secrets.token_hex(4)}"
+    work.mkdir(parents=True)
+    try:
+        with running_registry() as registry:
+            build_image(work / "layout", "app")
+            push(work / "layout", "app", registry, name)
+            yield registry, registry.ref(name), work / "layout"
+    finally:
+        fsutil.remove_tree(work)

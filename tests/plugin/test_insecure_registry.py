@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from registry_helpers import SCRATCH_ROOT, Registry, build_image, push, running_registry
-
-from pytest_incus import fsutil
+from registry_helpers import Registry, pushed_busybox
 
 INNER = """
 import pytest
@@ -23,15 +20,8 @@ def test_pull(image_store):
 @pytest.fixture(scope="module")
 def pushed() -> Iterator[tuple[Registry, str]]:
     """A busybox app image in a plain-HTTP registry on loopback: (registry, reference)."""
-    work = SCRATCH_ROOT / f"oci-plugin-{secrets.token_hex(4)}"
-    work.mkdir(parents=True)
-    try:
-        with running_registry() as registry:
-            build_image(work / "layout", "app")
-            push(work / "layout", "app", registry, "plugin/app:1")
-            yield registry, registry.ref("plugin/app:1")
-    finally:
-        fsutil.remove_tree(work)
+    with pushed_busybox("plugin/app:1") as (registry, ref, _):
+        yield registry, ref
 
 
 def test_option_names_the_registry(

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import secrets
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from plugin_helpers import INNER_HEADER, InnerInstances, cache_args
-from registry_helpers import SCRATCH_ROOT, Registry, build_image, manifest, push, running_registry
+from registry_helpers import Registry, manifest, pushed_busybox
 
-from pytest_incus import fsutil, registry
+from pytest_incus import registry
 from pytest_incus.images.store import ImageStore
 from pytest_incus.settings import Settings
 
@@ -31,16 +30,9 @@ def test_app(instance, n):
 @pytest.fixture(scope="module")
 def pushed() -> Iterator[tuple[Registry, str, list[str]]]:
     """A busybox app image in a loopback registry: (registry, reference, layer digests)."""
-    work = SCRATCH_ROOT / f"oci-xdist-{secrets.token_hex(4)}"
-    work.mkdir(parents=True)
-    try:
-        with running_registry() as reg:
-            build_image(work / "layout", "app")
-            push(work / "layout", "app", reg, "xdist/app:1")
-            layers = [str(layer["digest"]) for layer in manifest(work / "layout", "app")["layers"]]
-            yield reg, reg.ref("xdist/app:1"), layers
-    finally:
-        fsutil.remove_tree(work)
+    with pushed_busybox("xdist/app:1") as (registry, ref, layout):
+        layers = [str(layer["digest"]) for layer in manifest(layout, "app")["layers"]]
+        yield registry, ref, layers
 
 
 def test_four_workers_pull_and_unpack_once(
