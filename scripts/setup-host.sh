@@ -5,10 +5,11 @@ set -euo pipefail
 
 # containers: liblxc and its Python bindings' build needs, debootstrap, busybox, newuidmap;
 # VMs: QEMU, qemu-img, mkfs.ext4 (e2fsprogs), lz4 and zstd (Debian's kernels are packed with
-# them); OCI images: skopeo, umoci, and docker-registry for the tests' loopback registries
+# them); OCI images: skopeo, umoci, and for the tests' loopback registries docker-registry,
+# openssl (their TLS certificates) and apache2-utils (htpasswd: bcrypt hashes of their logins)
 PACKAGES=(lxc lxc-dev pkg-config debootstrap busybox-static uidmap
           qemu-system-x86 qemu-utils e2fsprogs lz4 zstd
-          skopeo umoci docker-registry)
+          skopeo umoci docker-registry openssl apache2-utils)
 ID_RANGE=1000000-1065535  # host ids of root..65535 inside unprivileged containers
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -10,15 +10,25 @@ An image reference (``docker://``, ``oci:``, ``oci-archive:``, ``docker-archive:
 resolved to its manifest digest (:func:`resolve`); the store keys the unpacked entry by that
 digest, so a moved tag makes a new entry and an unchanged one is never fetched again.
 :func:`fetch` copies the pinned image into the layout under a tag named after the digest and
-unpacks it with ``umoci unpack`` (run as root, owners kept).
+unpacks it with ``umoci unpack`` (run as root, owners kept). :func:`remove_from_layout`
+untags pruned images and deletes the blobs no other image needs.
+
+Credentials and trust are skopeo's own: it runs with this process's environment, so it reads
+the login from containers' auth.json (``REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers``,
+``~/.config/containers``) or docker's ``~/.docker/config.json``, and trusts the CAs of the
+system, of ``SSL_CERT_FILE`` and of ``/etc/containers/certs.d/HOST:PORT/``. Registries named
+insecure are reached without checking their certificate, or over plain HTTP. What skopeo says
+when that fails is turned into an error that says what to do (:func:`_access_error`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +37,8 @@ import filelock
 
 from pytest_incus import fsutil
 from pytest_incus.errors import ImageError
+
+log = logging.getLogger("pytest_incus")
 
 INSPECT_TIMEOUT = 120.0
 COPY_TIMEOUT = 3600.0
@@ -41,6 +53,17 @@ _UNREACHABLE = (
     "connection reset",
 )
 _AUTH = ("unauthorized", "authentication required", "denied", "invalid username/password")
+# Go's TLS errors: "x509: certificate signed by unknown authority", "x509: certificate is
+# valid for ..., not ...", "tls: failed to verify certificate: ..."
+_TLS = ("x509: ", "tls: failed to verify")
+_CREDENTIALS = (
+    "skopeo reads them from containers' auth.json ($REGISTRY_AUTH_FILE, "
+    "$XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json; "
+    "`skopeo login {registry}` writes it) and from docker's ~/.docker/config.json"
+)
+_FATAL = re.compile(r'level=fatal msg="((?:[^"\\]|\\.)*)"')
+# what skopeo inspect puts before every error of a registry, a parse error or not
+_INSPECT_PREFIX = re.compile(r'^Error parsing image name "[^"]*": ')
 
 
 @dataclass(frozen=True)
@@ -191,8 +214,19 @@ def _tls_args(name: str, insecure: frozenset[str], flag: str) -> list[str]:
 
 
 def _last_line(stderr: str) -> str:
+    """What a tool said last; of skopeo's log line ``time=... level=fatal msg="..."``, the
+    message alone."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
+    if not lines:
+        return "(no output)"
+    match = _FATAL.search(lines[-1])
+    if match is None:
+        return lines[-1]
+    try:
+        said = str(json.loads(f'"{match.group(1)}"'))  # Go quotes as JSON does, mostly
+    except ValueError:
+        said = match.group(1)
+    return _INSPECT_PREFIX.sub("", said)
 
 
 def resolve(name: str, insecure: frozenset[str] = frozenset()) -> Resolved:
@@ -211,22 +245,8 @@ def _inspect_error(name: str, stderr: str, insecure: frozenset[str]) -> ImageErr
     said = _last_line(stderr)
     registry = registry_of(name)
     if registry is not None:
-        if any(s in text for s in _UNREACHABLE):
-            return ImageError(
-                f"image {name!r}: registry {registry} cannot be reached ({said}); "
-                "check that it runs and that the host and port are right"
-            )
-        if "http response to https client" in text:
-            return ImageError(
-                f"image {name!r}: registry {registry} speaks plain HTTP, not HTTPS; "
-                f"if you trust it, name it with --incus-insecure-registry={registry}"
-            )
-        if any(s in text for s in _AUTH):
-            return ImageError(
-                f"image {name!r}: registry {registry} refused the login ({said}); "
-                "put valid credentials in containers' auth.json (skopeo login) or "
-                "docker's config.json"
-            )
+        if error := _access_error(name, registry, text, said):
+            return error
         if "manifest unknown" in text or "not found" in text or "name unknown" in text:
             return _missing_error(name, insecure, said)
     elif "no descriptor found for reference" in text:
@@ -237,6 +257,51 @@ def _inspect_error(name: str, stderr: str, insecure: frozenset[str]) -> ImageErr
     elif "no such file or directory" in text:
         return ImageError(f"image {name!r}: no such OCI layout or archive ({said}); check the path")
     return ImageError(f"image {name!r} cannot be inspected with skopeo: {said}")
+
+
+def _access_error(name: str, registry: str, text: str, said: str) -> ImageError | None:
+    """The error for a registry that cannot be reached, trusted or logged into; None when
+    skopeo's ``text`` (lower case) says none of these."""
+    if any(s in text for s in _UNREACHABLE):
+        return ImageError(
+            f"image {name!r}: registry {registry} cannot be reached ({said}); "
+            "check that it runs and that the host and port are right"
+        )
+    if "http response to https client" in text:
+        return ImageError(
+            f"image {name!r}: registry {registry} speaks plain HTTP, not HTTPS; "
+            f"if you trust it, name it with --incus-insecure-registry={registry}"
+        )
+    if any(s in text for s in _TLS):
+        return ImageError(
+            f"image {name!r}: the TLS certificate of registry {registry} is not trusted "
+            f"({said}); trust the CA that signed it: put it in "
+            f"/etc/containers/certs.d/{registry}/ca.crt, or point SSL_CERT_FILE at a bundle "
+            "that holds it, or add it to the host's CAs (update-ca-certificates); or, if you "
+            f"trust this registry without checking, name it with "
+            f"--incus-insecure-registry={registry}"
+        )
+    if any(s in text for s in _AUTH):
+        return _login_error(name, registry, said)
+    return None
+
+
+def _login_error(name: str, registry: str, said: str) -> ImageError:
+    """A refused login: tell missing credentials from wrong ones (``skopeo login
+    --get-login`` names the user skopeo has credentials of, reading the same files)."""
+    where = _CREDENTIALS.format(registry=registry)
+    proc = _run([_tool("skopeo"), "login", "--get-login", registry], INSPECT_TIMEOUT)
+    user = proc.stdout.strip() if proc.returncode == 0 else ""
+    if not user:
+        return ImageError(
+            f"image {name!r}: registry {registry} refused the login: no credentials for "
+            f"{registry} were found ({said}); {where} (some registries also answer so for a "
+            "repository that does not exist)"
+        )
+    return ImageError(
+        f"image {name!r}: registry {registry} refused the login of user {user!r} ({said}); "
+        f"the credentials stored for {registry} are wrong or expired; correct them: {where}"
+    )
 
 
 def _missing_error(name: str, insecure: frozenset[str], said: str) -> ImageError:
@@ -284,9 +349,14 @@ def copy_to_layout(
     ]
     proc = _run(args, COPY_TIMEOUT)
     if proc.returncode != 0:
+        said = _last_line(proc.stderr)
+        # resolved a moment ago, but the registry may have gone, or refuse the blobs
+        registry = registry_of(image.name)
+        if registry and (error := _access_error(image.name, registry, proc.stderr.lower(), said)):
+            raise error
         raise ImageError(
             f"image {image.name!r}: skopeo could not fetch {image.digest} into the cache "
-            f"({_last_line(proc.stderr)}); check the registry and the disk space of {layout}"
+            f"({said}); check the registry and the disk space of {layout}"
         )
     return layout
 
@@ -298,16 +368,23 @@ def layout_lock(cache_dir: Path) -> filelock.FileLock:
     return filelock.FileLock(lock_dir / "layout.lock", timeout=LOCK_TIMEOUT)
 
 
+def _tagged(layout: Path) -> dict[str, str]:
+    """Tag -> manifest digest of every tagged image in ``layout`` (its index.json)."""
+    index = fsutil.read_json(layout / "index.json")
+    found = {}
+    for desc in (index or {}).get("manifests") or []:  # umoci writes null for no image
+        tag = desc.get("annotations", {}).get("org.opencontainers.image.ref.name")
+        if tag is not None:
+            found[str(tag)] = str(desc["digest"])
+    return found
+
+
 def read_config(layout: Path, tag: str) -> dict[str, Any]:
     """The OCI image config of the image tagged ``tag`` in ``layout``."""
-    index = fsutil.read_json(layout / "index.json")
-    for desc in (index or {}).get("manifests", []):
-        if desc.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
-            manifest = json.loads(_blob(layout, desc["digest"]).read_text())
-            config: dict[str, Any] = json.loads(
-                _blob(layout, manifest["config"]["digest"]).read_text()
-            )
-            return config
+    if (digest := _tagged(layout).get(tag)) is not None:
+        manifest = json.loads(_blob(layout, digest).read_text())
+        config: dict[str, Any] = json.loads(_blob(layout, manifest["config"]["digest"]).read_text())
+        return config
     raise ImageError(f"the OCI layout {layout} has no image tagged {tag!r} after the copy")
 
 
@@ -342,3 +419,32 @@ def fetch(
         config = read_config(layout, image.layout_tag)
         unpack(layout, image.layout_tag, rootfs)
     return AppConfig.from_oci(config, image.digest)
+
+
+def remove_from_layout(cache_dir: Path, tags: Collection[str]) -> None:
+    """Untag ``tags`` in the shared layout, then delete the blobs that no tag needs any more.
+
+    Blobs that images still tagged share (a common base layer) stay. A tag already gone is
+    no error. Without umoci (removed since the images were fetched) the blobs stay, with a
+    warning.
+    """
+    layout = layout_dir(cache_dir)
+    if not (layout / "index.json").exists():
+        return
+    umoci = shutil.which("umoci")
+    if umoci is None:
+        log.warning("umoci is not installed: the blobs of pruned images stay in %s", layout)
+        return
+    with layout_lock(cache_dir):
+        for tag in sorted(set(tags) & _tagged(layout).keys()):
+            _edit_layout(layout, umoci, "rm", "--image", f"{layout}:{tag}")
+        _edit_layout(layout, umoci, "gc", "--layout", str(layout))
+
+
+def _edit_layout(layout: Path, *args: str) -> None:
+    proc = _run(args, COPY_TIMEOUT)
+    if proc.returncode != 0:
+        raise ImageError(
+            f"umoci {' '.join(args[1:])} failed ({_last_line(proc.stderr)}); if the cache's "
+            f"OCI layout is damaged, remove {layout.parent}: its images are fetched again"
+        )

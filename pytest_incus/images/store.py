@@ -282,10 +282,12 @@ class ImageStore:
     ) -> builtins.list[Image]:
         """Remove every entry, or those of ``image``; entries whose key is ``in_use`` stay.
 
-        Returns the removed entries.
+        An OCI image's blobs go from the shared layout with its entry, but for those that
+        images still cached share. Returns the removed entries.
         """
         ref = parse_ref(image) if image else None
         removed = []
+        untag = set()
         for entry in self.list():
             # an OCI entry is keyed by its digest: it matches the name it was fetched as
             if ref is not None and not (
@@ -298,6 +300,10 @@ class ImageStore:
                 fsutil.remove_tree(entry.path)
             self._seen.pop(entry.key, None)
             removed.append(entry)
+            if entry.app and entry.app.digest and entry.base is None:  # not a shifted copy
+                untag.add(oci.Resolved(entry.ref, entry.app.digest).layout_tag)
+        if untag:
+            oci.remove_from_layout(self.settings.cache_dir, untag)
         return removed
 
     def builds(self) -> builtins.list[dict[str, object]]:

@@ -150,8 +150,11 @@ class App(Container):
         self._record_cgroups()
         self._log = open(self.directory / LOG, "ab")  # noqa: SIM115 (kept for the app's life)
         lxcpath = str(self.directory.parent)
+        # --quiet: lxc-execute is also the container's monitor, and liblxc's own errors would
+        # go to the app's stderr, i.e. its logs() (each exec's attach makes liblxc 5.0.2 log
+        # 'Unsupported config key "lxc.seccomp"' there); they still go to lxc.log
         self._execute = subprocess.Popen(
-            ["lxc-execute", "--name", self.name, "--lxcpath", lxcpath, "--", *self.argv],
+            ["lxc-execute", "--quiet", "--name", self.name, "--lxcpath", lxcpath, "--", *self.argv],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,

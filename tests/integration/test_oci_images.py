@@ -230,8 +230,42 @@ def test_unprivileged_copy_keeps_the_config(store: ImageStore, images: Images) -
     assert reloaded == {image.key: image, shifted.key: shifted}  # the record keeps it too
 
 
-def test_prune_by_name_removes_the_oci_entry(store: ImageStore, images: Images) -> None:
+def _image_blobs(layout: Path, tag: str) -> set[str]:
+    """The digests of the manifest, config and layers of image ``layout:tag``."""
+    found = manifest(layout, tag)
+    layers = {str(d["digest"]) for d in found["layers"]}
+    return {_digest(layout, tag), str(found["config"]["digest"]), *layers}
+
+
+def test_prune_removes_the_blobs_no_other_image_needs(store: ImageStore, images: Images) -> None:
     base = store.get(images.base, kind="app")
     child = store.get(images.child, kind="app")
-    assert store.prune(images.base) == [base]
+    shifted = store.shifted(base, 100000)
+    base_blobs = _image_blobs(images.layout, "base")
+    child_blobs = _image_blobs(images.layout, "child")
+    shared = base_blobs & child_blobs
+    assert len(shared) == 1  # the busybox layer
+    assert _blobs(store) == base_blobs | child_blobs
+
+    assert store.prune(images.base) == [base, shifted]
     assert store.list() == [child]
+    assert _blobs(store) == child_blobs  # the shared layer stays, the base's own blobs go
+    assert child.app is not None
+    layout = oci.layout_dir(store.settings.cache_dir)
+    assert oci.read_config(layout, oci.Resolved(images.child, child.app.digest).layout_tag)
+
+    assert store.prune(images.child) == [child]
+    assert store.list() == []
+    assert _blobs(store) == set()
+    assert store.get(images.child, kind="app").key == child.key  # fetched again
+
+
+def test_prune_when_the_tag_is_already_gone(store: ImageStore, images: Images) -> None:
+    base = store.get(images.base, kind="app")
+    assert base.app is not None
+    layout = oci.layout_dir(store.settings.cache_dir)
+    tag = oci.Resolved(images.base, base.app.digest).layout_tag
+    subprocess.run(["umoci", "rm", "--image", f"{layout}:{tag}"], check=True)
+    assert _blobs(store)  # untagged, not collected yet
+    assert store.prune() == [base]
+    assert _blobs(store) == set()  # collected all the same
