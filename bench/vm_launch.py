@@ -9,7 +9,12 @@ Columns, for ``debian/12`` with ``init="agent"`` and with ``init="systemd"``:
 
 plugin
     ``InstanceFactory.launch(kind="vm", ...)`` (spec, record, accelerator choice, image cache,
-    qcow2 overlay, QEMU start, QMP, agent, readiness) and then ``Instance.exec(["true"])``.
+    qcow2 overlay, QEMU start, QMP, agent, readiness) and then ``Instance.exec(["true"])``, as a
+    user gets it: the VM resumes the boot snapshot of its shape (runtimes/snapshot.py), saved by
+    one launch before the timed ones. The bench removes the cached boot snapshots of the image
+    first, so that launch shows what saving one costs (printed as "first launch").
+plugin cold
+    the same with ``vm_snapshots=False`` (``--incus-vm-snapshots=off``): every VM boots.
 raw QEMU
     the same QEMU command line (made by the plugin's own code: same disk overlay on the same
     cached image, same kernel, initrd and kernel command line, same accelerator) started with
@@ -17,16 +22,17 @@ raw QEMU
     it answers; for systemd, ``systemctl is-system-running --wait`` through the agent; then
     ``exec(["true"])``.
 
-Both end at the first successful exec of ``true``; the columns' runs alternate, so machine noise
-hits both alike. The exec round trip is the median of ``true`` run through the agent of one
+All end at the first successful exec of ``true``; the columns' runs alternate, so machine noise
+hits them alike. The raw column always boots: it is what the plugin saves a snapshot of. The exec round trip is the median of ``true`` run through the agent of one
 init="agent" VM. Targets (issue 3): init="agent" <= 3 s median, systemd within 1.3x of raw
-QEMU, exec round trip <= 20 ms. Exit status 1 when the ratio target is missed, or anything
+QEMU (both plugin columns are held to it), exec round trip <= 20 ms. Exit status 1 when the ratio target is missed, or anything
 fails outright; with ``--strict`` also when an absolute target (for a quiet machine) is missed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import secrets
 import statistics
@@ -121,41 +127,56 @@ def main() -> int:
     settings = Settings(cache_dir=args.cache_dir.absolute())
     images = ImageStore(settings, progress=lambda m: print(f"bench: {m}", file=sys.stderr))
     factory = InstanceFactory(settings, images)
+    cold_settings = dataclasses.replace(settings, vm_snapshots=False)
+    cold_factory = InstanceFactory(cold_settings, ImageStore(cold_settings))
     chosen = accel.choose(settings.accel, settings.cache_dir)
     print(f"accelerator: {chosen.name} ({chosen.reason}); QEMU: {accel.qemu_version()}")
     images.get(IMAGE, "vm")  # built before timing anything
     raw_launch(settings, images, "agent")  # warm the page cache for both columns
     figures: dict[str, dict[str, list[float]]] = {}
+    saving: dict[str, float] = {}
     try:
+        for entry in images.list():
+            if entry.kind == "vm-boot" and entry.ref == IMAGE:
+                images.discard(entry)
         for init in ("agent", "systemd"):
-            columns: dict[str, list[float]] = {"plugin": [], "raw": []}
+            saving[init] = plugin_launch(factory, init)  # boots, saves, resumes
+            columns: dict[str, list[float]] = {"plugin": [], "plugin cold": [], "raw": []}
             for n in range(runs):
-                order = ["plugin", "raw"] if n % 2 == 0 else ["raw", "plugin"]
+                order = list(columns) if n % 2 == 0 else list(reversed(columns))
                 for column in order:
                     if column == "plugin":
                         columns[column].append(plugin_launch(factory, init))
+                    elif column == "plugin cold":
+                        columns[column].append(plugin_launch(cold_factory, init))
                     else:
                         columns[column].append(raw_launch(settings, images, init))
             figures[init] = columns
         round_trips = exec_round_trip(factory, execs)
     finally:
         factory.close()
+        cold_factory.close()
 
     verdicts: list[tuple[bool, str, bool]] = []  # (met, what, is a ratio)
-    print(f"\n{'init':10} {'plugin median':>14} {'raw median':>11} {'ratio':>6}   (s, {runs} runs)")
+    print(f"\nmedians in s, {runs} runs per column; ratios against raw QEMU")
+    print(f"{'init':8} {'plugin':>7} {'ratio':>6} {'plugin cold':>12} {'ratio':>6} {'raw':>6}")
     for init, columns in figures.items():
         plugin = statistics.median(columns["plugin"])
+        cold = statistics.median(columns["plugin cold"])
         raw = statistics.median(columns["raw"])
-        print(f"{init:10} {plugin:14.2f} {raw:11.2f} {plugin / raw:6.2f}")
-        print(f"{'':10} plugin runs: {' '.join(f'{t:.2f}' for t in columns['plugin'])}")
-        print(f"{'':10} raw runs:    {' '.join(f'{t:.2f}' for t in columns['raw'])}")
+        print(
+            f"{init:8} {plugin:7.2f} {plugin / raw:6.2f} {cold:12.2f} {cold / raw:6.2f} {raw:6.2f}"
+        )
+        for column, times in columns.items():
+            print(f"{'':8} {column + ' runs:':17} {' '.join(f'{t:.2f}' for t in times)}")
+        print(f"{'':8} {'first launch:':17} {saving[init]:.2f} (boots and saves the snapshot)")
         if init == "agent":
             verdicts.append((plugin <= 3.0, f'init="agent" {plugin:.2f} s <= 3 s', False))
-        else:
+        for column, median in (("plugin", plugin), ("plugin cold", cold)):
             verdicts.append(
                 (
-                    plugin <= 1.3 * raw,
-                    f'init="{init}" plugin/raw QEMU {plugin / raw:.2f} <= 1.3',
+                    median <= 1.3 * raw,
+                    f'init="{init}" {column}/raw QEMU {median / raw:.2f} <= 1.3',
                     True,
                 )
             )

@@ -7,7 +7,7 @@ import os
 import subprocess
 from collections.abc import Callable, Iterable
 
-from guest_agent import VERSION, execute, files
+from guest_agent import VERSION, execute, files, system
 from guest_agent.errors import CommandError
 from guest_agent.protocol import FramingError
 
@@ -27,6 +27,7 @@ EXTENSIONS = (
     "pti-put",
     "pti-get",
     "pti-remove",
+    "pti-add-entropy",
 )
 NO_REPLY = {"guest-shutdown"}  # as qemu-ga: success sends nothing (the guest goes away)
 
@@ -60,6 +61,7 @@ class Agent:
             "guest-file-flush": self.handles.flush,
             "guest-file-close": self.handles.close,
             "guest-shutdown": self._shutdown,
+            "guest-set-time": system.set_time,
             "pti-exec": execute.pti_exec,
             "pti-stat": files.stat_path,
             "pti-sha256": files.sha256,
@@ -68,6 +70,7 @@ class Agent:
             "pti-put": files.put,
             "pti-get": files.get,
             "pti-remove": files.remove,
+            "pti-add-entropy": system.add_entropy,
         }
         unknown = self.blocked - set(self.commands)
         if unknown:

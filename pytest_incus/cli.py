@@ -127,7 +127,9 @@ def cmd_images(args: argparse.Namespace) -> int:
         for image in store.list():
             made_from = ""
             if image.base:
-                what = "VM disk made" if image.kind == "vm" else "uid-shifted copy"
+                what = {"vm": "VM disk made", "vm-boot": "saved boot of the VM"}.get(
+                    image.kind, "uid-shifted copy"
+                )
                 made_from = f" ({what} from {image.base})"
             created = time.strftime("%Y-%m-%d %H:%M", time.localtime(image.created))
             print(

@@ -85,6 +85,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(repeatable)",
     )
     group.addoption(
+        "--incus-vm-snapshots",
+        choices=("on", "off"),
+        default=None,
+        help="on (default): a VM resumes a snapshot of the first boot of its image and shape, "
+        "saved in the cache; off: every VM boots from scratch",
+    )
+    group.addoption(
         "--incus-skip-unavailable",
         action="store_true",
         default=None,
@@ -115,9 +122,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type="linelist",
         default=[],
     )
+    parser.addini("incus_vm_snapshots", "ini form of --incus-vm-snapshots (on|off)", default="on")
     parser.addini(
         "incus_skip_unavailable", "ini form of --incus-skip-unavailable", type="bool", default=False
     )
+
+
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise ConfigError(f"incus_vm_snapshots = {value!r}; use on or off")
+    return value == "on"
 
 
 def _settings(config: pytest.Config) -> Settings:
@@ -142,6 +156,7 @@ def _settings(config: pytest.Config) -> Settings:
         keep=option("incus_keep", "incus_keep"),
         skip_unavailable=bool(option("incus_skip_unavailable", "incus_skip_unavailable")),
         accel=option("incus_accel", "incus_accel"),
+        vm_snapshots=_on_off(option("incus_vm_snapshots", "incus_vm_snapshots")),
         insecure_registries=frozenset(
             [
                 *config.getini("incus_insecure_registries"),

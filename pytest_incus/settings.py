@@ -39,6 +39,7 @@ class Settings:
     skip_unavailable: bool = False
     accel: str = "auto"  # VMs: "kvm", "tcg", or "auto" (probe that KVM really runs a guest)
     insecure_registries: frozenset[str] = frozenset()  # host[:port] of plain-HTTP registries
+    vm_snapshots: bool = True  # VMs resume a saved first boot (runtimes/snapshot.py)
 
     def __post_init__(self) -> None:
         path = str(self.cache_dir)

@@ -251,6 +251,17 @@ class AgentClient:
         """guest-ping: raises AgentError if the agent does not answer."""
         self.request("guest-ping", timeout=30)
 
+    def set_time(self, ns: int) -> None:
+        """guest-set-time: set the guest's wall clock to ``ns`` nanoseconds since the epoch."""
+        self.request("guest-set-time", {"time": ns})
+
+    def add_entropy(self, data: bytes) -> None:
+        """pti-add-entropy (our agent only): credit ``data`` to the guest kernel's random pool
+        and reseed it, so a guest restored from a snapshot stops sharing its random state."""
+        if not self.extended:
+            raise AgentError(f"{self.name}: only the pytest-incus agent has pti-add-entropy")
+        self.request("pti-add-entropy", {"data": base64.b64encode(data).decode()})
+
     def shutdown(self, mode: str = "powerdown") -> None:
         """Ask the guest to power down, reboot or halt. A successful guest-shutdown sends
         no reply, so nothing is awaited; the next request resynchronises."""

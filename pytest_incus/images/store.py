@@ -5,6 +5,8 @@ Layout below the cache directory::
     images/<key>/rootfs/        the image's root filesystem (containers)
     images/<key>.vmroot/rootfs/ the root filesystem that VM images of <key> are made from
     images/<key>.vm/disk.qcow2  a VM image: its disk, vmlinuz and initrd.img (images/vm.py)
+    images/<key>.vm.boot-<v>/   a VM's saved first boot for one machine shape <v>: its memory
+                                and device state and its disk overlay (runtimes/snapshot.py)
     images/oci-<digest>/rootfs/ an OCI image unpacked by umoci, keyed by its manifest digest
                                 (blobs live once in the shared layout: see images/oci.py)
     images/<key>/image.json     its record; written last, so it is the completion stamp
@@ -100,6 +102,9 @@ class Image:
     def _complete(self) -> bool:
         if self.kind == "vm":
             return all(p.is_file() for p in (self.disk, self.kernel, self.initrd))
+        if self.kind == "vm-boot":
+            saved = (self.disk, self.path / vm.BOOT_STATE, self.path / vm.BOOT_RECORD)
+            return all(p.is_file() for p in saved)
         return self.rootfs.is_dir()
 
     @classmethod
@@ -268,6 +273,36 @@ class ImageStore:
         )
         self._seen[key] = entry
         return entry
+
+    def boot_snapshot(self, image: Image, variant: str, make: Callable[[Path], None]) -> Image:
+        """The saved first boot of VM ``image`` for one machine shape (``variant``: a digest of
+        QEMU's command line), made by ``make(directory)`` if it is not cached yet.
+
+        ``make`` leaves :data:`vm.BOOT_STATE`, :data:`vm.BOOT_RECORD` and :data:`vm.DISK` in the
+        directory it is given (see runtimes/snapshot.py). The entry goes with its image:
+        rebuilt when the image is, pruned with it.
+        """
+
+        def build(rootfs: Path) -> Built:
+            rootfs.rmdir()  # a snapshot has no root filesystem of its own
+            make(rootfs.parent)
+            return Built(image.init, kernel_release=image.kernel_release)
+
+        return self._ensure(
+            f"{image.key}.boot-{variant}",
+            build,
+            ref=image.ref,
+            kind="vm-boot",
+            base=image.key,
+            not_older_than=image.created,
+        )
+
+    def discard(self, entry: Image) -> None:
+        """Remove one entry (unusable, say; whatever needs it next makes it again)."""
+        log.info("removing the cache entry %s", entry.path)
+        with self._lock(entry.key):
+            fsutil.remove_tree(entry.path)
+        self._seen.pop(entry.key, None)
 
     def list(self) -> list[Image]:
         """Every complete entry, uid-shifted copies included."""

@@ -57,6 +57,9 @@ DISK = "disk.qcow2"
 KERNEL = "vmlinuz"
 VMLINUX = "vmlinux"
 INITRD = "initrd.img"
+BOOT_STATE = "boot.state"  # a boot snapshot's saved machine (QEMU migration stream)
+BOOT_CONSOLE = "console.log"  # a boot snapshot's console output up to the save
+BOOT_RECORD = "boot.json"  # a boot snapshot's record of the image disk its disk is made on
 DISK_SIZE = 4 << 30  # virtual size; the raw image and the qcow2 are sparse
 AGENT_PORT = "org.qemu.guest_agent.0"
 AGENT_DIR = "/usr/lib/pytest-incus"
@@ -90,6 +93,8 @@ BASE_CMDLINE = (
     "init_on_alloc=0",  # Debian zeroes every kernel allocation; the page allocator still does
     "8250.nr_uarts=1",  # probe the one serial port, not four
     "noreplace-smp",  # keep the SMP alternatives (no text patching) with cpus > 1
+    # the PC's on-board IDE controller: udev would load libata and SCSI for it, for nothing
+    "modprobe.blacklist=ata_piix,pata_acpi,ata_generic",
 )
 
 Progress = Callable[[str], None]

@@ -73,15 +73,21 @@ def test_files_in_agent_vm(agent_vm: Instance, tmp_path: Path) -> None:
 def test_overlay_is_on_a_pinned_copy_of_the_image(
     agent_vm: Instance, image_store: ImageStore
 ) -> None:
-    info = json.loads(
+    disk = agent_vm.directory / "disk.qcow2"
+    chain = json.loads(
         subprocess.run(
-            ["qemu-img", "info", "-U", "--output=json", str(agent_vm.directory / "disk.qcow2")],
+            ["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(disk)],
             capture_output=True,
             check=True,
         ).stdout
     )
+    # the instance's overlay, on the boot snapshot's disk when it resumed one, on the image's
+    # disk: every file of the chain is a link in the instance's own directory
+    names = [Path(layer["filename"]) for layer in chain]
+    assert [p.parent for p in names] == [agent_vm.directory] * len(names)
+    assert names[0].name == "disk.qcow2" and names[-1].name == "base.qcow2"
+    assert names[1:-1] in ([], [agent_vm.directory / "boot.qcow2"])
     base = agent_vm.directory / "base.qcow2"
-    assert info["backing-filename"] == str(base)
     image = image_store.get("debian/12", "vm")
     launched = (agent_vm.directory / "instance.json").stat().st_mtime
     if image.created < launched:  # else the image was rebuilt since, and the VM kept its base

@@ -1,0 +1,91 @@
+"""Boot snapshots: boot a VM of one image and shape once, save it, resume every later VM from it.
+
+Under TCG a cold boot costs seconds (the kernel, the initramfs, Python, for systemd its units),
+and every VM of the same image, init, CPUs, memory and kernel command line boots to exactly the
+same state. So the first VM of a shape is booted as usual and, once ready, paused and saved with
+QMP ``migrate`` into a cache entry (``ImageStore.boot_snapshot``) together with its disk
+overlay; it takes a few hundred ms. Every VM of that shape then starts QEMU with ``-incoming``
+on the saved state, on an overlay of that saved disk, and is ready as soon as its agent answers.
+
+What a resumed guest must not share with the snapshot is put right before it is called ready:
+the wall clock (``guest-set-time``) and the kernel's random state (fresh bytes from the host,
+credited and reseeded; see guest_agent/system.py). What it does share, by design: the boot id,
+the boot messages (copied into its console log) and ``/proc/uptime`` from the first boot on.
+
+Only the first start of an instance resumes; ``restart()`` boots from the instance's own disk.
+VMs with ``kernel=``/``initrd=`` (a kernel under development changes) or with the stock
+qemu-ga (no entropy command) always boot from scratch, as does everything with
+``--incus-vm-snapshots=off``. A snapshot that does not resume (say QEMU was upgraded in place)
+is removed and the VM boots from scratch, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pytest_incus.agent.client import AgentClient
+from pytest_incus.errors import IncusError
+from pytest_incus.runtimes import qemu
+
+ENTROPY_BYTES = 64
+POLL = 0.005
+
+
+def variant(argv: Sequence[str], qemu_version: str) -> str:
+    """The digest naming one machine shape: QEMU's command line (with the instance's own
+    directory and name taken out by the caller) and QEMU's version."""
+    text = json.dumps([qemu_version, *argv])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def save(process: qemu.QemuProcess, state: Path, deadline: float) -> None:
+    """Pause the guest and write its whole state to ``state``; IncusError if that fails or
+    does not end by ``deadline`` (monotonic). QEMU stays, paused."""
+    process.command("stop")
+    process.command("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
+    while True:
+        status = process.command("query-migrate")
+        said = status.get("status")
+        if said == "completed":
+            return
+        if said in ("failed", "cancelled"):
+            raise IncusError(f"saving the VM failed: {status.get('error-desc', said)}")
+        if time.monotonic() > deadline:
+            raise IncusError(f"saving the VM did not finish in time (status {said})")
+        time.sleep(POLL)
+
+
+def incoming(state: Path) -> list[str]:
+    """The QEMU arguments that load ``state`` instead of booting."""
+    return ["-incoming", f"exec:cat {shlex.quote(str(state))}"]
+
+
+def resume(process: qemu.QemuProcess, deadline: float) -> None:
+    """Wait until QEMU has loaded the saved state, then let the guest run; IncusError if the
+    load fails or does not end by ``deadline``."""
+    while True:
+        status = process.command("query-status")["status"]
+        if status != "inmigrate":
+            break
+        if not process.alive():
+            raise IncusError("QEMU ended while loading the saved VM")
+        if time.monotonic() > deadline:
+            raise IncusError("QEMU did not load the saved VM in time")
+        time.sleep(POLL)
+    if status != "running":
+        process.command("cont")
+    status = process.command("query-status")["status"]
+    if status != "running":
+        raise IncusError(f"the resumed VM does not run (QEMU status {status!r})")
+
+
+def refresh(agent: AgentClient) -> None:
+    """Give a resumed guest the host's wall clock and fresh randomness."""
+    agent.set_time(time.time_ns())
+    agent.add_entropy(os.urandom(ENTROPY_BYTES))
