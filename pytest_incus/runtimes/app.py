@@ -14,6 +14,7 @@ marker's ``env`` is added over it), WorkingDir, and User, resolved through the i
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 import time
@@ -35,6 +36,8 @@ from pytest_incus.runtimes.protocol import ExecRequest, ExecResult
 from pytest_incus.spec import InstanceSpec
 
 LOG = "app.log"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MAX_LINKS = 40  # symlinks followed to find a program, as the kernel's limit
 RUNNING_POLL = 0.005
 STOP_WAIT = 5.0  # seconds for lxc-execute to end once its container is stopped
 
@@ -108,6 +111,48 @@ def _ids(rootfs: Path, user: str) -> tuple[int, int]:
     return uid, gid
 
 
+def inside(rootfs: Path, path: str) -> Path | None:
+    """Where ``path`` (absolute, as the app sees it) leads in ``rootfs``, symlinks followed
+    inside it (an absolute link target starts again at ``rootfs``, never at the host's ``/``);
+    None if it leads nowhere."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    current = rootfs
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            current = current.parent if current != rootfs else rootfs
+            continue
+        step = current / part
+        if step.is_symlink():
+            links += 1
+            if links > MAX_LINKS:
+                return None
+            target = os.readlink(step)
+            parts[:0] = [p for p in target.split("/") if p not in ("", ".")]
+            if target.startswith("/"):
+                current = rootfs
+            continue
+        if not step.exists():
+            return None
+        current = step
+    return current
+
+
+def find_program(rootfs: Path, program: str, path_env: str, cwd: str) -> str | None:
+    """The path, as the app sees it, of the program ``program`` names (a path, or a name looked
+    up in ``path_env``, as execvp does), if ``rootfs`` has it as an executable file."""
+    if "/" in program:
+        candidates = [program if program.startswith("/") else f"{cwd or '/'}/{program}"]
+    else:
+        candidates = [f"{d or '.'}/{program}" for d in path_env.split(":")]
+    for candidate in candidates:
+        found = inside(rootfs, candidate if candidate.startswith("/") else f"/{candidate}")
+        if found is not None and found.is_file() and os.stat(found).st_mode & 0o111:
+            return candidate
+    return None
+
+
 class App(Container):
     """One application container."""
 
@@ -123,6 +168,16 @@ class App(Container):
                 f"image {spec.image!r} names no program (no Entrypoint or Cmd): "
                 "give one with command=[...]"
             )
+        # init.lxc fails silently (exit code 255, nothing on stderr) on a program it cannot
+        # exec: say which one, and where it was looked for
+        search = {**self._image_env(), **spec.env}.get("PATH", DEFAULT_PATH)
+        program = self.argv[0]
+        if find_program(image.rootfs, program, search, image.app.working_dir) is None:
+            where = f"in PATH={search}" if "/" not in program else "at that path"
+            raise InstanceStartError(
+                f"image {spec.image!r} has no program {program!r} {where} (an executable "
+                "file); give command=[...] naming a program the image has"
+            )
         self._execute: subprocess.Popen[bytes] | None = None
         self._exit_code: int | None = None  # of the last run, once collected
         self._log: IO[bytes] | None = None
@@ -136,7 +191,7 @@ class App(Container):
         if self.config.working_dir:
             lines.append(f"lxc.init.cwd = {self.config.working_dir}")
         env = self._image_env()
-        env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        env.setdefault("PATH", DEFAULT_PATH)
         env.update(self.spec.env)
         lines += [f"lxc.environment = {key}={value}" for key, value in env.items()]
         return lines

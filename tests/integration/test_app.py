@@ -3,6 +3,7 @@ program as the first process, its config, its output and exit code, exec in the 
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,7 +13,14 @@ import pytest
 from integration_helpers import assert_nothing_left, wait_until
 from registry_helpers import SCRATCH_ROOT, build_image, image_of_rootfs, push, running_registry
 
-from pytest_incus import ConfigError, IncusError, InstanceFactory, InstanceState, fsutil
+from pytest_incus import (
+    ConfigError,
+    IncusError,
+    InstanceFactory,
+    InstanceStartError,
+    InstanceState,
+    fsutil,
+)
 from pytest_incus.images.store import ImageStore
 from pytest_incus.settings import Settings
 
@@ -83,6 +91,22 @@ def test_program_runs_with_the_image_config(
     name = app.name
     app.delete()
     assert_nothing_left(settings, name)
+
+
+def test_a_program_the_image_lacks_is_a_start_error(
+    instance_factory: InstanceFactory, layout: Path, settings: Settings
+) -> None:
+    for command, said in (
+        (["/bin/nothere"], "no program '/bin/nothere' at that path"),
+        (["nothere", "-x"], "no program 'nothere' in PATH=/usr/local/sbin:"),
+        (["/etc/passwd"], "no program '/etc/passwd' at that path (an executable file)"),
+    ):
+        name = f"app-missing-{secrets.token_hex(3)}"
+        with pytest.raises(InstanceStartError, match=re.escape(said)):
+            instance_factory.launch(
+                kind="app", image=f"oci:{layout}:plain", command=command, name=name
+            )
+        assert_nothing_left(settings, name)
 
 
 def test_command_and_env_replace_and_add(instance_factory: InstanceFactory, layout: Path) -> None:
