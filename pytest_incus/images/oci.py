@@ -379,6 +379,11 @@ def _tagged(layout: Path) -> dict[str, str]:
     return found
 
 
+def layout_tags(cache_dir: Path) -> set[str]:
+    """The tags of the images in the shared layout."""
+    return set(_tagged(layout_dir(cache_dir)))
+
+
 def read_config(layout: Path, tag: str) -> dict[str, Any]:
     """The OCI image config of the image tagged ``tag`` in ``layout``."""
     if (digest := _tagged(layout).get(tag)) is not None:

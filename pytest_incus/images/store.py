@@ -318,7 +318,8 @@ class ImageStore:
         """Remove every entry, or those of ``image``; entries whose key is ``in_use`` stay.
 
         An OCI image's blobs go from the shared layout with its entry, but for those that
-        images still cached share. Returns the removed entries.
+        images still cached share; pruning everything also drops the images of the layout
+        that no entry holds. Returns the removed entries.
         """
         ref = parse_ref(image) if image else None
         removed = []
@@ -337,6 +338,14 @@ class ImageStore:
             removed.append(entry)
             if entry.app and entry.app.digest and entry.base is None:  # not a shifted copy
                 untag.add(oci.Resolved(entry.ref, entry.app.digest).layout_tag)
+        if ref is None:
+            # everything goes: also the tags of entries pruned by hand or by older versions
+            cached = {
+                oci.Resolved(e.ref, e.app.digest).layout_tag
+                for e in self.list()
+                if e.app and e.app.digest
+            }
+            untag |= oci.layout_tags(self.settings.cache_dir) - cached
         if untag:
             oci.remove_from_layout(self.settings.cache_dir, untag)
         return removed

@@ -269,3 +269,14 @@ def test_prune_when_the_tag_is_already_gone(store: ImageStore, images: Images) -
     assert _blobs(store)  # untagged, not collected yet
     assert store.prune() == [base]
     assert _blobs(store) == set()  # collected all the same
+
+
+def test_prune_everything_drops_images_no_entry_holds(store: ImageStore, images: Images) -> None:
+    base = store.get(images.base, kind="app")
+    child = store.get(images.child, kind="app")
+    fsutil.remove_tree(child.path)  # an entry removed by hand: its image stays in the layout
+    assert store.prune(images.base) == [base]
+    assert _blobs(store) == _image_blobs(images.layout, "child")
+    assert store.prune() == []
+    assert _blobs(store) == set()
+    assert oci.layout_tags(store.settings.cache_dir) == set()
