@@ -318,8 +318,8 @@ class ImageStore:
         """Remove every entry, or those of ``image``; entries whose key is ``in_use`` stay.
 
         An OCI image's blobs go from the shared layout with its entry, but for those that
-        images still cached share; pruning everything also drops the images of the layout
-        that no entry holds. Returns the removed entries.
+        images still cached share. Pruning everything also removes incomplete entries and
+        drops the images of the layout that no entry holds. Returns the removed entries.
         """
         ref = parse_ref(image) if image else None
         removed = []
@@ -339,6 +339,7 @@ class ImageStore:
             if entry.app and entry.app.digest and entry.base is None:  # not a shifted copy
                 untag.add(oci.Resolved(entry.ref, entry.app.digest).layout_tag)
         if ref is None:
+            self._remove_incomplete()
             # everything goes: also the tags of entries pruned by hand or by older versions
             cached = {
                 oci.Resolved(e.ref, e.app.digest).layout_tag
@@ -349,6 +350,20 @@ class ImageStore:
         if untag:
             oci.remove_from_layout(self.settings.cache_dir, untag)
         return removed
+
+    def _remove_incomplete(self) -> None:
+        """Remove the entry directories that hold no complete entry: damaged ones, and those
+        of an older layout (no ``get`` rebuilds them when their key is no longer asked for)."""
+        images_dir = self.settings.images_dir
+        if not images_dir.is_dir():
+            return
+        for path in sorted(images_dir.iterdir()):
+            if not path.is_dir() or Image.load(path) is not None:
+                continue
+            with self._lock(path.name):
+                if Image.load(path) is None:  # not completed meanwhile
+                    log.info("removing the incomplete cache entry %s", path)
+                    fsutil.remove_tree(path)
 
     def builds(self) -> builtins.list[dict[str, object]]:
         """The record of every builder run: key, ref, pid, start and end time."""

@@ -185,8 +185,12 @@ def test_prune(store_settings: Settings) -> None:
     rebuilt.get(NAME)
     assert builder.runs == [NAME]  # pruned means built again on the next get
 
+    # an entry directory with no record (damaged, or of an older layout) goes with the rest
+    stale = store_settings.images_dir / "hook-unit-stale"
+    (stale / "rootfs").mkdir(parents=True)
     assert sorted(i.key for i in store.prune()) == sorted([KEY, "hook-unit-other"])
     assert store.list() == [] and not other.path.exists()
+    assert not stale.exists()
 
 
 def test_shifted_copy_made_once(store_settings: Settings) -> None:
