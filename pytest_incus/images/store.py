@@ -352,8 +352,17 @@ class ImageStore:
         return removed
 
     def _remove_incomplete(self) -> None:
-        """Remove the entry directories that hold no complete entry: damaged ones, and those
-        of an older layout (no ``get`` rebuilds them when their key is no longer asked for)."""
+        """Remove the entry directories that hold no complete entry (damaged ones, and those
+        of an older layout: no ``get`` rebuilds them when their key is no longer asked for),
+        and the staging directories of builders that died (their key may never be built
+        again, so nobody else would remove them)."""
+        staging = self.settings.staging_dir
+        if staging.is_dir():
+            for leftover in sorted(staging.iterdir()):
+                _, pid, _ = (*leftover.name.rsplit(".", 2), "", "")[:3]  # <key>.<pid>.<n>
+                if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                    log.info("removing the leftover of an interrupted build: %s", leftover)
+                    fsutil.remove_tree(leftover)
         images_dir = self.settings.images_dir
         if not images_dir.is_dir():
             return

@@ -188,9 +188,17 @@ def test_prune(store_settings: Settings) -> None:
     # an entry directory with no record (damaged, or of an older layout) goes with the rest
     stale = store_settings.images_dir / "hook-unit-stale"
     (stale / "rootfs").mkdir(parents=True)
+    # and so does the staging directory of a builder that died (this pid is ours: it stays)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    died = store_settings.staging_dir / f"hook-unit-gone.{dead.pid}.0"
+    alive = store_settings.staging_dir / f"hook-unit-busy.{os.getpid()}.0"
+    for path in (died, alive):
+        (path / "rootfs").mkdir(parents=True)
     assert sorted(i.key for i in store.prune()) == sorted([KEY, "hook-unit-other"])
     assert store.list() == [] and not other.path.exists()
     assert not stale.exists()
+    assert not died.exists() and alive.exists()
 
 
 def test_shifted_copy_made_once(store_settings: Settings) -> None:
