@@ -2,10 +2,11 @@
 
 Under TCG a cold boot costs seconds (the kernel, the initramfs, Python, for systemd its units),
 and every VM of the same image, init, CPUs, memory and kernel command line boots to exactly the
-same state. So the first VM of a shape is booted as usual and, once ready, paused and saved with
-QMP ``migrate`` into a cache entry (``ImageStore.boot_snapshot``) together with its disk
-overlay; it takes a few hundred ms. Every VM of that shape then starts QEMU with ``-incoming``
-on the saved state, on an overlay of that saved disk, and is ready as soon as its agent answers.
+same state. So the first VM of a shape is booted as usual and, once ready, paused, saved with QMP
+``migrate`` into a cache entry (``ImageStore.boot_snapshot``) together with a copy of its disk
+overlay, and let run on: it costs that VM a few hundred ms. Every later VM of that shape starts
+QEMU with ``-incoming`` on the saved state, on an overlay of its own on the saved disk, and is
+ready as soon as its agent answers.
 
 What a resumed guest must not share with the snapshot is put right before it is called ready:
 the wall clock (``guest-set-time``) and the kernel's random state (fresh bytes from the host,
@@ -25,12 +26,14 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from pytest_incus.agent.client import AgentClient
 from pytest_incus.errors import IncusError
+from pytest_incus.images import vm as vm_images
 from pytest_incus.runtimes import qemu
 
 ENTROPY_BYTES = 64
@@ -44,21 +47,37 @@ def variant(argv: Sequence[str], qemu_version: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def save(process: qemu.QemuProcess, state: Path, deadline: float) -> None:
-    """Pause the guest and write its whole state to ``state``; IncusError if that fails or
-    does not end by ``deadline`` (monotonic). QEMU stays, paused."""
-    process.command("stop")
-    process.command("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
-    while True:
-        status = process.command("query-migrate")
-        said = status.get("status")
-        if said == "completed":
-            return
-        if said in ("failed", "cancelled"):
-            raise IncusError(f"saving the VM failed: {status.get('error-desc', said)}")
-        if time.monotonic() > deadline:
-            raise IncusError(f"saving the VM did not finish in time (status {said})")
-        time.sleep(POLL)
+class SaveError(IncusError):
+    """A booted VM could not be saved as a boot snapshot (the VM itself may run on)."""
+
+
+def save(process: qemu.QemuProcess, disk: Path, target: Path, deadline: float) -> None:
+    """Pause the guest, copy its disk overlay ``disk`` to ``target / vm.DISK`` and write its
+    whole state to ``target / vm.BOOT_STATE``; SaveError if that fails or does not end by
+    ``deadline`` (monotonic). The guest stays paused: ``cont`` lets it run on, on ``disk``.
+
+    The copy is consistent: pausing drains and flushes every disk, and what the guest had not
+    written yet is in the saved state."""
+    try:
+        process.command("stop")
+        shutil.copyfile(disk, target / vm_images.DISK)
+        process.command(
+            "migrate", uri=f"exec:cat > {shlex.quote(str(target / vm_images.BOOT_STATE))}"
+        )
+        while True:
+            status = process.command("query-migrate")
+            said = status.get("status")
+            if said == "completed":
+                return
+            if said in ("failed", "cancelled"):
+                raise SaveError(f"saving the VM failed: {status.get('error-desc', said)}")
+            if time.monotonic() > deadline:
+                raise SaveError(f"saving the VM did not finish in time (status {said})")
+            time.sleep(POLL)
+    except SaveError:
+        raise
+    except (IncusError, OSError) as exc:
+        raise SaveError(f"saving the VM failed: {exc}") from exc
 
 
 def incoming(state: Path) -> list[str]:

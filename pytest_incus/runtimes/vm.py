@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -324,15 +325,25 @@ class VirtualMachine:
         )
 
     def _resume_snapshot(self, deadline: float) -> bool:
-        """Resume this VM from the boot snapshot of its shape, saving one first if there is
-        none; False (with a warning) when the snapshot does not work, to boot instead."""
+        """Start this VM from the boot snapshot of its shape: resume it, or, when there is
+        none yet, boot and save one. False (with a warning) when the snapshot does not work,
+        for the caller to boot instead."""
         shape = self.qemu_argv(Path("/instance"), "instance")
         version = accel.qemu_version() or "unknown"
-        entry = self._images.boot_snapshot(
-            self.image,
-            snapshot.variant(shape, version),
-            lambda target: self._save(target, deadline),
-        )
+        try:
+            entry = self._images.boot_snapshot(
+                self.image,
+                snapshot.variant(shape, version),
+                lambda target: self._save(target, deadline),
+            )
+        except snapshot.SaveError as exc:
+            log.warning("VM %s booted, but its boot could not be saved: %s", self.name, exc)
+            if self.running() and self._agent is not None:
+                return True
+            self._kill()
+            return False
+        if self.running():
+            return True  # booted and saved just now, and runs on
         record = fsutil.read_json(entry.path / vm_images.BOOT_RECORD)
         if not isinstance(record, dict) or record.get("base") != _identity(self.directory / BASE):
             # saved on another disk than this instance's: the image was rebuilt in between
@@ -364,8 +375,8 @@ class VirtualMachine:
         return True
 
     def _save(self, target: Path, deadline: float) -> None:
-        """Make a boot snapshot in ``target``: boot this VM, save it, and move its disk
-        overlay there, with a record of the image disk it is an overlay of."""
+        """Make a boot snapshot in ``target``: boot this VM, save it with a copy of its disk
+        overlay and a record of the image disk under it, and let it run on."""
         self._images.progress(
             f"VM image {self.spec.image}: first boot of this machine shape; saving it so that "
             "later VMs of the shape resume it instead of booting"
@@ -379,20 +390,18 @@ class VirtualMachine:
             self._agent.exec(WARM_UP)
             if self.spec.init == "systemd":
                 self._agent.exec(SETTLE)  # modules udev still loads would load in every resume
-            snapshot.save(
-                self._qemu,
-                target / vm_images.BOOT_STATE,
-                min(deadline, time.monotonic() + SAVE_DEADLINE),
-            )
+            save_deadline = min(deadline, time.monotonic() + SAVE_DEADLINE)
+            snapshot.save(self._qemu, self.directory / DISK, target, save_deadline)
+            base = {"base": _identity(self.directory / BASE)}
+            fsutil.write_atomic(target / vm_images.BOOT_RECORD, json.dumps(base))
+            with contextlib.suppress(OSError):
+                shutil.copyfile(self.directory / CONSOLE, target / vm_images.BOOT_CONSOLE)
         except (IncusError, OSError) as exc:
-            raise self._start_error(f"could not save the booted VM: {exc}") from exc
+            raise snapshot.SaveError(str(exc)) from exc
         finally:
-            self._kill()
-        base = {"base": _identity(self.directory / BASE)}
-        fsutil.write_atomic(target / vm_images.BOOT_RECORD, json.dumps(base))
-        os.rename(self.directory / DISK, target / DISK)
-        with contextlib.suppress(OSError):
-            os.link(self.directory / CONSOLE, target / vm_images.BOOT_CONSOLE)
+            if self._qemu.alive():
+                with contextlib.suppress(IncusError):
+                    self._qemu.command("cont")
 
     def _link_snapshot_disk(self, entry: Image) -> None:
         """This instance's disk: an overlay on a link to the snapshot's disk, whose backing

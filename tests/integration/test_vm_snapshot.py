@@ -16,6 +16,7 @@ from pytest_incus import Instance
 from pytest_incus.factory import InstanceFactory
 from pytest_incus.images import vm as vm_images
 from pytest_incus.images.store import Image, ImageStore
+from pytest_incus.runtimes import snapshot
 from pytest_incus.settings import Settings
 
 # the kernel's messages of the boot, with their timestamps in µs: the same in every VM resumed
@@ -72,12 +73,16 @@ def test_vms_of_one_shape_resume_one_saved_boot(
         logs = {_boot_log(vm) for vm in (first, second, third)}
         assert len(logs) == 1  # one boot, resumed three times
         # each has a disk of its own: a write in one is seen in no other, nor in the snapshot
+        # (the first, which saved it, runs on on its own disk too)
         second.write_file("/root/mine", "second\n")
+        first.write_file("/root/first", "first\n")
         assert not first.file("/root/mine").exists
         assert not third.file("/root/mine").exists
+        assert not third.file("/root/first").exists
         fourth = _launch(instance_factory, kernel_args=shape.arg)
         try:
             assert not fourth.file("/root/mine").exists
+            assert not fourth.file("/root/first").exists
             assert fourth.exec("cat /proc/cmdline").stdout.split()[-1] == shape.arg
         finally:
             fourth.delete()
@@ -158,6 +163,26 @@ def test_a_snapshot_of_another_image_disk_is_not_resumed(
     try:
         assert _boot_log(vm) != saved  # booted
         assert entry.path.exists()  # and the snapshot stays for the disk it was saved on
+    finally:
+        vm.delete()
+
+
+def test_a_boot_that_cannot_be_saved_runs_on(
+    instance_factory: InstanceFactory,
+    shape: Shape,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a failing save cannot be caused for real here (QEMU saves whatever it runs): simulated
+    def fail(*args: object) -> None:
+        raise snapshot.SaveError("simulated: no space left on device")
+
+    monkeypatch.setattr(snapshot, "save", fail)
+    vm = _launch(instance_factory, kernel_args=shape.arg)
+    try:
+        assert "booted, but its boot could not be saved" in caplog.text
+        assert vm.exec("cat /proc/cmdline", check=True).stdout.split()[-1] == shape.arg
+        assert shape.snapshots() == []
     finally:
         vm.delete()
 
