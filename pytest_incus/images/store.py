@@ -61,6 +61,7 @@ class Built:
 
 
 _counter = itertools.count()
+_STAGING = re.compile(r".+\.(\d+)\.\d+")  # a staging directory: <key>.<builder's pid>.<n>
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,13 @@ class Image:
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
         return image if image._complete() else None
+
+
+def _layout_tag(entry: Image) -> str | None:
+    """The tag of an OCI entry's image in the shared layout; None for other entries."""
+    if entry.app is None or not entry.app.digest:
+        return None
+    return oci.Resolved(entry.ref, entry.app.digest).layout_tag
 
 
 class ImageStore:
@@ -336,16 +344,12 @@ class ImageStore:
                 fsutil.remove_tree(entry.path)
             self._seen.pop(entry.key, None)
             removed.append(entry)
-            if entry.app and entry.app.digest and entry.base is None:  # not a shifted copy
-                untag.add(oci.Resolved(entry.ref, entry.app.digest).layout_tag)
+            if entry.base is None and (tag := _layout_tag(entry)):  # not a shifted copy
+                untag.add(tag)
         if ref is None:
             self._remove_incomplete()
             # everything goes: also the tags of entries pruned by hand or by older versions
-            cached = {
-                oci.Resolved(e.ref, e.app.digest).layout_tag
-                for e in self.list()
-                if e.app and e.app.digest
-            }
+            cached = {tag for e in self.list() if (tag := _layout_tag(e))}
             untag |= oci.layout_tags(self.settings.cache_dir) - cached
         if untag:
             oci.remove_from_layout(self.settings.cache_dir, untag)
@@ -359,8 +363,8 @@ class ImageStore:
         staging = self.settings.staging_dir
         if staging.is_dir():
             for leftover in sorted(staging.iterdir()):
-                _, pid, _ = (*leftover.name.rsplit(".", 2), "", "")[:3]  # <key>.<pid>.<n>
-                if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                built_by = _STAGING.fullmatch(leftover.name)
+                if built_by and not os.path.exists(f"/proc/{built_by[1]}"):
                     log.info("removing the leftover of an interrupted build: %s", leftover)
                     fsutil.remove_tree(leftover)
         images_dir = self.settings.images_dir

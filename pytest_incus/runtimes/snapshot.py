@@ -53,31 +53,25 @@ class SaveError(IncusError):
 
 def save(process: qemu.QemuProcess, disk: Path, target: Path, deadline: float) -> None:
     """Pause the guest, copy its disk overlay ``disk`` to ``target / vm.DISK`` and write its
-    whole state to ``target / vm.BOOT_STATE``; SaveError if that fails or does not end by
-    ``deadline`` (monotonic). The guest stays paused: ``cont`` lets it run on, on ``disk``.
+    whole state to ``target / vm.BOOT_STATE``; IncusError (or OSError, for the copy) if that
+    fails or does not end by ``deadline`` (monotonic). The guest stays paused: ``cont`` lets
+    it run on, on ``disk``.
 
     The copy is consistent: pausing drains and flushes every disk, and what the guest had not
     written yet is in the saved state."""
-    try:
-        process.command("stop")
-        shutil.copyfile(disk, target / vm_images.DISK)
-        process.command(
-            "migrate", uri=f"exec:cat > {shlex.quote(str(target / vm_images.BOOT_STATE))}"
-        )
-        while True:
-            status = process.command("query-migrate")
-            said = status.get("status")
-            if said == "completed":
-                return
-            if said in ("failed", "cancelled"):
-                raise SaveError(f"saving the VM failed: {status.get('error-desc', said)}")
-            if time.monotonic() > deadline:
-                raise SaveError(f"saving the VM did not finish in time (status {said})")
-            time.sleep(POLL)
-    except SaveError:
-        raise
-    except (IncusError, OSError) as exc:
-        raise SaveError(f"saving the VM failed: {exc}") from exc
+    process.command("stop")
+    shutil.copyfile(disk, target / vm_images.DISK)
+    process.command("migrate", uri=f"exec:cat > {shlex.quote(str(target / vm_images.BOOT_STATE))}")
+    while True:
+        status = process.command("query-migrate")
+        said = status.get("status")
+        if said == "completed":
+            return
+        if said in ("failed", "cancelled"):
+            raise IncusError(f"saving the VM failed: {status.get('error-desc', said)}")
+        if time.monotonic() > deadline:
+            raise IncusError(f"saving the VM did not finish in time (status {said})")
+        time.sleep(POLL)
 
 
 def incoming(state: Path) -> list[str]:

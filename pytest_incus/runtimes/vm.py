@@ -329,7 +329,7 @@ class VirtualMachine:
         none yet, boot and save one. False (with a warning) when the snapshot does not work,
         for the caller to boot instead."""
         shape = self.qemu_argv(Path("/instance"), "instance")
-        version = accel.qemu_version() or "unknown"
+        version = accel.qemu_version()
         try:
             entry = self._images.boot_snapshot(
                 self.image,
