@@ -44,6 +44,7 @@ from pathlib import Path
 from pytest_incus import fsutil, registry
 from pytest_incus.agent.client import AgentClient
 from pytest_incus.factory import InstanceFactory
+from pytest_incus.images import vm as vm_images
 from pytest_incus.images.store import ImageStore
 from pytest_incus.ownership import Owner, process_start_time
 from pytest_incus.runtimes import accel, qemu, vm
@@ -129,9 +130,10 @@ def main() -> int:
     factory = InstanceFactory(settings, images)
     cold_settings = dataclasses.replace(settings, vm_snapshots=False)
     cold_factory = InstanceFactory(cold_settings, ImageStore(cold_settings))
-    chosen = accel.choose(settings.accel, settings.cache_dir)
+    image = images.get(IMAGE, "vm")  # built before timing anything
+    kernel = vm_images.boot_kernel(image.path)
+    chosen = accel.choose(settings.accel, settings.cache_dir, kernel)
     print(f"accelerator: {chosen.name} ({chosen.reason}); QEMU: {accel.qemu_version()}")
-    images.get(IMAGE, "vm")  # built before timing anything
     raw_launch(settings, images, "agent")  # warm the page cache for both columns
     figures: dict[str, dict[str, list[float]]] = {}
     saving: dict[str, float] = {}

@@ -12,6 +12,7 @@ from pathlib import Path
 from pytest_incus import registry
 from pytest_incus.errors import IncusError
 from pytest_incus.factory import InstanceFactory
+from pytest_incus.images import vm as vm_images
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.runtimes import RUNTIMES, accel, get_runtime
 from pytest_incus.runtimes.container import unprivileged_unavailable
@@ -71,22 +72,46 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _doctor_vm(settings: Settings) -> int:
-    """Say whether VMs can run and with which accelerator (a real KVM probe); 1 if not."""
+    """Say whether VMs can run and with which accelerator: the verdict VMs use, what it rests
+    on, and a KVM probe run now where a VM image's kernel is cached; 1 if VMs cannot run."""
     reason = get_runtime("vm").unavailable()
     if reason is not None:
         print(f"vm: cannot run: {reason}")
         return 1
-    probe = accel.probe_kvm(settings.cache_dir / "probe")
-    if probe.works:
-        print(f"kvm: ok ({probe.detail})")
+    kernel = _cached_vm_kernel(settings)
+    recorded = accel.cached_verdict(settings.cache_dir)
+    if kernel is None:
+        print(
+            "kvm: not probed: the probe boots a VM image's Linux kernel under KVM, and no VM "
+            "image is cached yet (the first VM probes; or: pytest-incus images build "
+            "debian/12 --kind vm, then doctor again)"
+        )
+    else:
+        now = accel.probe_kvm(settings.cache_dir / "probe", kernel)
+        print(f"kvm probe now: {'works' if now.works else 'does not work'}: {now.describe()}")
+        if recorded is None:
+            recorded = accel.record(settings.cache_dir, now, kernel)
+    if recorded is None:
+        print("vm: ok (qemu-system-x86_64 and qemu-img present; KVM not judged yet)")
+        return 0
+    state = "KVM works" if recorded.works else "KVM does not work"
+    print(f"kvm verdict VMs use: {state}: {recorded.describe()}")
+    if recorded.works:
         print("vm: ok (qemu-system-x86_64 and qemu-img present; VMs use KVM)")
     else:
-        print(f"kvm: does not work: {probe.detail}")
         print(
             "vm: ok (qemu-system-x86_64 and qemu-img present; VMs run under TCG emulation, "
             "much slower than KVM; --incus-accel=kvm would fail)"
         )
     return 0
+
+
+def _cached_vm_kernel(settings: Settings) -> Path | None:
+    """The kernel of a cached VM image (the newest), to probe KVM with; None if none."""
+    entries = [e for e in ImageStore(settings).list() if e.kind == "vm"]
+    if not entries:
+        return None
+    return vm_images.boot_kernel(max(entries, key=lambda e: e.created).path)
 
 
 def _try_container(settings: Settings, *, privileged: bool) -> str | None:

@@ -267,3 +267,28 @@ def build(rootfs: Path, kernel_release: str, busybox: Path = BUSYBOX) -> bytes:
     entries += [CpioEntry.file(f"lib/modules/{name}", data) for name, data in modules]
     entries.append(CpioEntry.file("init", init_script(n for n, _ in modules).encode(), 0o755))
     return write_cpio(entries)
+
+
+# -- the KVM probe's initramfs ------------------------------------------------------------------
+
+PROBE_TOKEN = "pytest-incus-kvm-probe-reached-userspace"
+
+
+def probe(busybox: Path = BUSYBOX) -> bytes:
+    """The initramfs of the KVM probe (runtimes/accel.py): its ``/init`` writes
+    :data:`PROBE_TOKEN` on the console and powers the machine off. Seeing the token proves
+    that a Linux kernel booted through long mode, paging and its first process."""
+    if not busybox.is_file():
+        raise ImageError(
+            f"the KVM probe needs a static busybox at {busybox}: apt-get install busybox-static"
+        )
+    init = f"#!/bin/busybox sh\necho {PROBE_TOKEN} >/dev/console\n/bin/busybox poweroff -f\n"
+    return write_cpio(
+        [
+            CpioEntry.directory("bin"),
+            CpioEntry.directory("dev"),
+            CpioEntry.chardev("dev/console", 5, 1),
+            CpioEntry.file("bin/busybox", busybox.read_bytes(), 0o755),
+            CpioEntry.file("init", init.encode(), 0o755),
+        ]
+    )

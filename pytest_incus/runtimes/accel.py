@@ -1,12 +1,18 @@
-"""Choosing QEMU's accelerator: KVM when it really runs a guest, else TCG.
+"""Choosing QEMU's accelerator: KVM when it really runs a Linux guest, else TCG.
 
-``/dev/kvm`` existing, or even ``KVM_CREATE_VM`` succeeding, does not mean guests run: on some
-hosts the first vCPU fails ("KVM internal error") and spins forever. So ``auto`` boots a tiny
-guest under KVM with a deadline: SeaBIOS loads a 512-byte boot sector that writes to the
-``isa-debug-exit`` port, which makes QEMU exit with a known code. Only that code proves a vCPU
-ran through firmware and into the guest; anything else (an error, a hang past the deadline, when
-the probe's QEMU is killed) means no KVM. The answer is cached per host boot and QEMU version in
-``<cache>/accel.json``, and the probe runs at most once per process.
+``/dev/kvm`` existing, ``KVM_CREATE_VM`` succeeding, even a real-mode boot sector running to its
+end, does not mean Linux guests run: on some hosts a vCPU that a Linux kernel drives fails with
+"KVM internal error. Suberror: 1" (an emulation failure), and QEMU then pauses the guest forever
+instead of exiting. So ``auto`` boots what every VM boots: the VM image's own Linux kernel,
+under KVM, on the same machine type and CPU model as a VM, with a tiny initramfs whose ``/init``
+writes a token on the console and powers off (``initramfs.probe``). Only that token, with
+QEMU's clean exit, proves that KVM works; an internal error (read from QEMU's stderr as it is
+written), any other exit, or no end within ``PROBE_DEADLINE`` means it does not.
+
+The verdict is kept per host boot and QEMU version in ``<cache>/kvm-verdict.json`` (made under a lock,
+so xdist workers probe once), with what it rests on (``Verdict``), and is made at most once per
+process. A VM that later meets a KVM internal error all the same (a host where KVM fails only
+sometimes) marks the verdict broken (``mark_broken``), and boots again under TCG.
 """
 
 from __future__ import annotations
@@ -19,24 +25,29 @@ import shutil
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import filelock
+
 from pytest_incus import fsutil
-from pytest_incus.errors import UnavailableError
+from pytest_incus.errors import ImageError, UnavailableError
+from pytest_incus.images import initramfs
+from pytest_incus.runtimes import qemu
 
 log = logging.getLogger("pytest_incus")
 
-QEMU = "qemu-system-x86_64"
+QEMU = qemu.QEMU
 QEMU_IMG = "qemu-img"
-PROBE_DEADLINE = 2.5  # seconds; a working KVM finishes in about 0.2 s
-CACHE_FILE = "accel.json"
-
-_EXIT_PORT = 0xF4
-_EXIT_VALUE = 0x2A
-_EXIT_CODE = (_EXIT_VALUE << 1) | 1  # what isa-debug-exit makes QEMU exit with
-# mov al, 0x2a; out 0xf4, al; hlt; jmp $-1
-_BOOT_CODE = bytes([0xB0, _EXIT_VALUE, 0xE6, _EXIT_PORT, 0xF4, 0xEB, 0xFD])
+# A healthy KVM brings the probe's kernel to its /init in well under a second, TCG in about
+# 2 s. A KVM that needs more than PROBE_DEADLINE is no use even if it would get there (on one
+# host seen here, the vCPU crawled for 17 s and then failed with an internal error), so a slow
+# end and a hang give the same verdict: the verdict never depends on a race with the deadline.
+PROBE_DEADLINE = 5.0
+PROBE_POLL = 0.02
+PROBE_MEMORY = "256M"
+PROBE_VERSION = 2  # bump when the probe changes: older verdicts are then probed again
+CACHE_FILE = "kvm-verdict.json"
 
 _lock = threading.Lock()
 _chosen: dict[Path, Accel] = {}
@@ -50,7 +61,7 @@ class Accel:
     """The accelerator chosen for this host, and why."""
 
     name: str  # "kvm" or "tcg"
-    reason: str  # why: what the probe found, or that it was forced
+    reason: str  # why: what the verdict rests on, or that it was forced
 
     @property
     def qemu_args(self) -> list[str]:
@@ -66,11 +77,20 @@ class Accel:
 
 
 @dataclass(frozen=True)
-class Probe:
-    """What booting the probe guest under KVM showed."""
+class Verdict:
+    """Whether KVM runs Linux guests here, and what that rests on."""
 
     works: bool
-    detail: str
+    detail: str  # what was seen: "a Linux guest ... under KVM reached its init in 0.41s"
+    source: str  # "probe" (the probe guest), or "guest" (a VM that met an internal error)
+    when: float  # time.time() of the observation
+    cached: bool = False  # read from the cache file rather than seen by this process
+
+    def describe(self) -> str:
+        """One line for messages and ``doctor``: the detail, where it comes from and when."""
+        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.when))
+        by = "the KVM probe" if self.source == "probe" else "a VM of this host"
+        return f"{self.detail} (seen by {by} at {seen}{', cached' if self.cached else ''})"
 
 
 def qemu_missing() -> str | None:
@@ -98,105 +118,171 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def probe_kvm(workdir: Path, deadline: float = PROBE_DEADLINE) -> Probe:
-    """Boot the probe guest under KVM, killing its QEMU past ``deadline`` seconds."""
+def _cache_key() -> dict[str, object]:
+    return {"boot_id": _boot_id(), "qemu": qemu_version(), "probe": PROBE_VERSION}
+
+
+def probe_kvm(workdir: Path, kernel: Path, deadline: float = PROBE_DEADLINE) -> Verdict:
+    """Boot ``kernel`` with the probe's initramfs under KVM (see the module docstring), killing
+    its QEMU at an internal error or past ``deadline`` seconds."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return Probe(False, "/dev/kvm is missing or not accessible")
+        return Verdict(False, "/dev/kvm is missing or not accessible", "probe", time.time())
+    return boot_probe(workdir, kernel, Accel("kvm", "the probe"), deadline)
+
+
+def boot_probe(workdir: Path, kernel: Path, accel: Accel, deadline: float) -> Verdict:
+    """Boot the probe guest on ``kernel`` under ``accel``: whether it reached its init."""
     workdir.mkdir(parents=True, exist_ok=True)
-    disk = workdir / "kvm-probe.img"
-    sector = bytearray(512)
-    sector[: len(_BOOT_CODE)] = _BOOT_CODE
-    sector[510:] = b"\x55\xaa"
-    fsutil.write_atomic(disk, bytes(sector) + bytes(512 * 63))
+    run = workdir / f"kvm-probe.{os.getpid()}.{threading.get_ident()}"
+    run.mkdir(exist_ok=True)
+    try:
+        return _run_probe(run, kernel, accel, deadline)
+    finally:
+        fsutil.remove_tree(run)
+
+
+def _run_probe(run: Path, kernel: Path, accel: Accel, deadline: float) -> Verdict:
+    try:
+        fsutil.write_atomic(run / "initrd", initramfs.probe())
+    except ImageError as exc:
+        return Verdict(False, f"the KVM probe cannot run: {exc}", "probe", time.time())
+    console, stderr = run / "console.log", run / "qemu.log"
     argv = [
         QEMU,
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-user-config",
-        "-machine",
-        "pc",
-        "-accel",
-        "kvm",
-        "-m",
-        "16",
-        "-drive",
-        f"file={disk},format=raw,if=ide",
-        "-device",
-        f"isa-debug-exit,iobase={_EXIT_PORT:#x},iosize=1",
-        "-no-reboot",
+        *("-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"),
+        *("-no-reboot", "-machine", qemu.MACHINE, *accel.qemu_args),
+        *qemu.firmware_args(),
+        *("-m", PROBE_MEMORY, "-kernel", str(kernel), "-initrd", str(run / "initrd")),
+        *("-append", "console=ttyS0 quiet panic=-1 rdinit=/init tsc=reliable no_timer_check"),
+        *("-serial", f"file:{console}"),
     ]
+    what = f"a Linux guest (kernel {kernel.parent.name}/{kernel.name}) under {accel.name.upper()}"
     started = time.monotonic()
-    child = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        _, err = child.communicate(timeout=deadline)
-    except subprocess.TimeoutExpired:
-        child.kill()  # our own child, by pid
-        _, err = child.communicate()
-        tail = _last_error(err)
-        return Probe(
-            False,
-            f"a tiny guest under KVM did not finish within {deadline}s (its vCPU hangs"
-            + (f"; QEMU said: {tail[0]}" if tail else "")
-            + ")",
+    with open(stderr, "wb") as err:
+        child = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
         )
+    try:
+        while child.poll() is None:
+            said = _read(stderr)
+            if qemu.KVM_ERROR in said:
+                return Verdict(
+                    False, f"{what} stopped: {qemu.kvm_error(said)}", "probe", time.time()
+                )
+            if time.monotonic() - started > deadline:
+                return Verdict(
+                    False,
+                    f"{what} did not reach its init within {deadline:.0f}s (TCG takes about 2s;"
+                    " its vCPU hangs or crawls"
+                    + (f"; QEMU said: {_last_line(said)}" if said.strip() else "")
+                    + ")",
+                    "probe",
+                    time.time(),
+                )
+            time.sleep(PROBE_POLL)
     finally:
-        disk.unlink(missing_ok=True)
+        if child.poll() is None:
+            child.kill()  # our own child, by pid
+        child.wait()
     took = time.monotonic() - started
-    if child.returncode == _EXIT_CODE:
-        return Probe(True, f"a tiny guest ran under KVM in {took:.2f}s")
-    said = _last_error(err)
-    return Probe(
+    said = _read(stderr)
+    if child.returncode == 0 and initramfs.PROBE_TOKEN in _read(console):
+        return Verdict(True, f"{what} reached its init in {took:.2f}s", "probe", time.time())
+    return Verdict(
         False,
-        f"a tiny guest under KVM failed (QEMU exit code {child.returncode}"
-        + (f": {said[0]}" if said else "")
+        f"{what} failed (QEMU exit code {child.returncode}"
+        + (f": {_last_line(said)}" if said.strip() else ", and its init never ran")
         + ")",
+        "probe",
+        time.time(),
     )
 
 
-def _last_error(stderr: bytes) -> list[str]:
-    """QEMU's last line on stderr that is not a mere warning, as a list of zero or one."""
-    lines = stderr.decode(errors="replace").strip().splitlines()
-    return [line for line in lines if "warning:" not in line][-1:]
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
-def _cached_probe(cache_dir: Path) -> Probe:
-    """The KVM probe's result for this host boot and QEMU version, probing if unknown."""
-    key = {"boot_id": _boot_id(), "qemu": qemu_version()}
-    path = cache_dir / CACHE_FILE
-    data = fsutil.read_json(path)
-    if isinstance(data, dict) and data.get("key") == key:
-        return Probe(bool(data["works"]), str(data["detail"]) + " (cached)")
-    probe = probe_kvm(cache_dir / "probe")
+def _last_line(text: str) -> str:
+    """QEMU's last line that is not a mere warning."""
+    lines = [line for line in text.strip().splitlines() if "warning:" not in line]
+    return lines[-1] if lines else ""
+
+
+def _write(cache_dir: Path, verdict: Verdict, kernel: Path | None) -> None:
+    record = {**asdict(verdict), "kernel": str(kernel) if kernel else None}
+    del record["cached"]
+    fsutil.write_atomic(cache_dir / CACHE_FILE, json.dumps({"key": _cache_key(), **record}))
+
+
+def cached_verdict(cache_dir: Path) -> Verdict | None:
+    """The verdict recorded for this host boot, QEMU version and probe, if any."""
+    data = fsutil.read_json(cache_dir / CACHE_FILE)
+    if not isinstance(data, dict) or data.get("key") != _cache_key():
+        return None
+    try:
+        return Verdict(
+            bool(data["works"]),
+            str(data["detail"]),
+            str(data["source"]),
+            float(data["when"]),
+            cached=True,
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _lock_file(cache_dir: Path) -> filelock.FileLock:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fsutil.write_atomic(
-        path, json.dumps({"key": key, "works": probe.works, "detail": probe.detail})
-    )
-    return probe
+    return filelock.FileLock(str(cache_dir / f"{CACHE_FILE}.lock"))
 
 
-def choose(requested: str, cache_dir: Path) -> Accel:
-    """The accelerator for ``requested`` ("auto", "kvm" or "tcg"), probing KVM if needed.
+def verdict(cache_dir: Path, kernel: Path | None) -> Verdict | None:
+    """The verdict for this host: the recorded one, else the probe's on ``kernel`` (recorded);
+    None when there is none and no kernel to probe with."""
+    with _lock_file(cache_dir):
+        found = cached_verdict(cache_dir)
+        if found is not None or kernel is None:
+            return found
+        fresh = probe_kvm(cache_dir / "probe", kernel)
+        _write(cache_dir, fresh, kernel)
+        log.info("KVM probe: %s", fresh.describe())
+        return fresh
+
+
+def record(cache_dir: Path, seen: Verdict, kernel: Path | None) -> Verdict:
+    """Record ``seen`` as this host's verdict, unless one was recorded meanwhile; the
+    verdict that holds."""
+    with _lock_file(cache_dir):
+        found = cached_verdict(cache_dir)
+        if found is not None:
+            return found
+        _write(cache_dir, seen, kernel)
+        return seen
+
+
+def _as_accel(found: Verdict) -> Accel:
+    if found.works:
+        return Accel("kvm", found.describe())
+    return Accel("tcg", f"KVM does not work here: {found.describe()}")
+
+
+def choose(requested: str, cache_dir: Path, kernel: Path) -> Accel:
+    """The accelerator for ``requested`` ("auto", "kvm" or "tcg"), probing KVM with ``kernel``
+    (a VM image's) if this host has no verdict yet.
 
     A forced "kvm" that does not work raises UnavailableError. The choice is made once per
-    process and cache directory.
+    process and cache directory (``mark_broken`` changes it).
     """
     if requested == "tcg":
         return Accel("tcg", "--incus-accel=tcg")
     with _lock:
         if cache_dir not in _chosen:
-            probe = _cached_probe(cache_dir)
-            _chosen[cache_dir] = (
-                Accel("kvm", probe.detail)
-                if probe.works
-                else Accel("tcg", f"KVM does not work here: {probe.detail}")
-            )
+            found = verdict(cache_dir, kernel)
+            assert found is not None  # a kernel was given
+            _chosen[cache_dir] = _as_accel(found)
         accel = _chosen[cache_dir]
     if requested == "kvm" and accel.name != "kvm":
         raise UnavailableError(
@@ -205,6 +291,16 @@ def choose(requested: str, cache_dir: Path) -> Accel:
             "on this host"
         )
     return accel
+
+
+def mark_broken(cache_dir: Path, detail: str) -> Accel:
+    """Record that a VM met a KVM failure (``detail``): from now on ``auto`` chooses TCG, in
+    this process and, until the host reboots, in every other. Returns the TCG choice."""
+    broken = Verdict(False, detail, "guest", time.time())
+    with _lock, _lock_file(cache_dir):
+        _write(cache_dir, broken, None)
+        _chosen[cache_dir] = _as_accel(broken)
+        return _chosen[cache_dir]
 
 
 def forget() -> None:

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pytest_incus import fsutil
@@ -53,10 +54,6 @@ QMP_DEADLINE = 10.0  # seconds for QEMU to come up and answer QMP
 AGENT_SLICE = 0.5  # connect to the agent in slices this long, to notice QEMU's death
 STOP_GRACE = 5.0  # seconds for QEMU to quit over QMP before it is killed
 READY_POLL = 0.05
-QBOOT = Path("/usr/share/qemu/qboot.rom")
-# the PC without the devices a test VM never uses (PS/2 controller, SMBus, HPET: the kernel
-# probes each at boot; TSC is the clock); -0.1 to -0.2 s of boot under TCG, measured
-MACHINE = "pc,i8042=off,smbus=off,hpet=off"
 DISK = "disk.qcow2"
 BASE = "base.qcow2"  # a hard link to the image's disk: see _pin
 BOOT_DISK = "boot.qcow2"  # a hard link to a boot snapshot's disk (runtimes/snapshot.py)
@@ -70,6 +67,17 @@ AGENT_PORT = "org.qemu.guest_agent.0"
 
 _announced: set[str] = set()
 _announce_lock = threading.Lock()
+
+
+class KvmFailure(InstanceStartError):
+    """KVM stopped a booting guest with an internal error (``VirtualMachine.start`` falls back
+    to TCG, or says that KVM cannot work)."""
+
+    def __init__(self, reason: str, error: InstanceStartError) -> None:
+        super().__init__(str(error))
+        self.reason = reason
+        for note in getattr(error, "__notes__", []):
+            self.add_note(note)
 
 
 class VmRuntime:
@@ -112,15 +120,6 @@ class VmRuntime:
     ) -> VirtualMachine:
         """Choose the accelerator, get the VM image and make the instance's overlay disk."""
         settings = images.settings
-        try:
-            chosen = accel.choose(settings.accel, settings.cache_dir)
-        except IncusError as exc:
-            raise InstanceStartError(f"VM {name}: {exc}") from exc
-        if chosen.name == "tcg" and settings.accel == "auto":
-            _announce(
-                f"VMs run under TCG (emulation, much slower than KVM): {chosen.reason}",
-                images,
-            )
         for sock in (AGENT_SOCKET, qemu.QMP_SOCKET):
             if not qemu.socket_path_ok(directory / sock):
                 raise InstanceStartError(
@@ -128,6 +127,18 @@ class VmRuntime:
                     "socket; choose a shorter --incus-cache-dir"
                 )
         image = images.get(spec.image, "vm")
+        try:
+            # the probe boots the image's own kernel: what proves KVM is a Linux guest
+            chosen = accel.choose(
+                settings.accel, settings.cache_dir, vm_images.boot_kernel(image.path)
+            )
+        except IncusError as exc:
+            raise InstanceStartError(f"VM {name}: {exc}") from exc
+        if chosen.name == "tcg" and settings.accel == "auto":
+            _announce(
+                f"VMs run under TCG (emulation, much slower than KVM): {chosen.reason}",
+                images,
+            )
         _make_overlay(name, directory, _pin(image.disk, directory / BASE))
         return VirtualMachine(spec, name, directory, image, chosen, images)
 
@@ -277,11 +288,9 @@ class VirtualMachine:
         # the image's unpacked ELF kernel when it has one (booted through PVH: no
         # self-decompression, 0.8-1.1 s less under TCG), else its bzImage
         kernel = spec.kernel or str(vm_images.boot_kernel(self.image.path))
-        argv = [accel.QEMU, "-name", f"pytest-incus {name or self.name}", "-nodefaults"]
+        argv = [qemu.QEMU, "-name", f"pytest-incus {name or self.name}", "-nodefaults"]
         argv += ["-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot"]
-        argv += ["-machine", MACHINE, *self.accel.qemu_args]
-        if QBOOT.exists():
-            argv += ["-bios", str(QBOOT)]  # boots a kernel much faster than SeaBIOS
+        argv += ["-machine", qemu.MACHINE, *self.accel.qemu_args, *qemu.firmware_args()]
         argv += ["-smp", str(spec.cpus or DEFAULT_CPUS), "-m", f"{-(-memory // MIB)}M"]
         argv += ["-kernel", kernel, "-append", self.kernel_cmdline()]
         if spec.initrd is not None:
@@ -304,13 +313,67 @@ class VirtualMachine:
     def start(self) -> None:
         """Start the VM and wait until the guest is ready (see the module docstring): the
         first start resumes a boot snapshot when it can (runtimes/snapshot.py), every other
-        one boots."""
+        one boots. A guest that KVM stops with an internal error is booted again under TCG
+        (with ``--incus-accel=auto``; see ``_fall_back_to_tcg``)."""
+        first, self._started_before = not self._started_before, True
+        try:
+            self._start(first)
+        except KvmFailure as failure:
+            self._fall_back_to_tcg(failure, first)
+            self._start(first)
+
+    def _start(self, first: bool) -> None:
         deadline = time.monotonic() + self.spec.boot_timeout
         self._kill()  # what is left of a previous boot that ended by itself (a poweroff inside)
-        first, self._started_before = not self._started_before, True
         if first and self._snapshot_allowed() and self._resume_snapshot(deadline):
             return
         self._boot(deadline)
+
+    def _fall_back_to_tcg(self, failure: KvmFailure, first: bool) -> None:
+        """After KVM stopped this guest: with ``auto``, record KVM as broken on this host,
+        say so once, and make this VM a TCG one (a fresh disk, if nothing had run on it); with
+        a forced ``kvm``, a clear error."""
+        settings = self._images.settings
+        if settings.accel != "auto":
+            raise InstanceStartError(
+                f"VM {self.name}: --incus-accel=kvm was asked, but KVM stopped the guest: "
+                f"{failure.reason}. KVM does not run Linux guests on this host; use "
+                "--incus-accel=auto (it then runs VMs under TCG) or --incus-accel=tcg"
+            ) from failure
+        detail = f"a Linux guest (VM {self.name}) under KVM stopped: {failure.reason}"
+        self.accel = accel.mark_broken(settings.cache_dir, detail)
+        log.warning("VM %s: %s; booting it again under TCG", self.name, detail)
+        _announce(
+            f"KVM stopped a Linux guest ({failure.reason}) although the KVM probe passed: "
+            "VMs run under TCG from now on (emulation, much slower than KVM), and this host's "
+            f"verdict in {settings.cache_dir / accel.CACHE_FILE} says so until it reboots",
+            self._images,
+        )
+        self._console_note(f"KVM stopped this guest ({failure.reason}); booting it under TCG")
+        if first:
+            (self.directory / BOOT_DISK).unlink(missing_ok=True)
+            _make_overlay(self.name, self.directory, self.directory / BASE)
+
+    def _console_note(self, text: str) -> None:
+        """A line of ours in the console log, between what the guest wrote."""
+        with contextlib.suppress(OSError), open(self.directory / CONSOLE, "a") as console:
+            console.write(f"pytest-incus: {text}\n")
+
+    @contextlib.contextmanager
+    def _watching(self) -> Iterator[None]:
+        """Watch the guest while the block waits on it (``qemu.GuestWatch``): when the guest
+        stopped for good, the block's failure becomes one that says so (``KvmFailure`` for a
+        KVM internal error)."""
+        assert self._qemu is not None
+        with qemu.GuestWatch(self._qemu) as watch:
+            try:
+                yield
+            except (IncusError, OSError) as exc:
+                if watch.reason is None:
+                    raise
+                if watch.kvm_error and self.accel.name == "kvm":
+                    raise KvmFailure(watch.reason, self._start_error(watch.reason)) from exc
+                raise self._start_error(watch.reason) from exc
 
     # -- boot snapshots --------------------------------------------------------------------
 
@@ -354,12 +417,16 @@ class VirtualMachine:
             self._launch([*self.qemu_argv(), *snapshot.incoming(entry.path / vm_images.BOOT_STATE)])
             resume_deadline = min(deadline, time.monotonic() + RESUME_DEADLINE)
             assert self._qemu is not None
-            self._qemu.connect_qmp(resume_deadline)
-            snapshot.resume(self._qemu, resume_deadline)
-            self._agent = self._connect_agent(resume_deadline)
-            # no is-system-running here: the saved guest was ready (systemd running, udev
-            # settled) when it was saved, and a resumed guest continues from that very state
-            snapshot.refresh(self._agent)
+            with self._watching():
+                self._qemu.connect_qmp(resume_deadline)
+                snapshot.resume(self._qemu, resume_deadline)
+                self._agent = self._connect_agent(resume_deadline)
+                # no is-system-running here: the saved guest was ready (systemd running, udev
+                # settled) when it was saved, and a resumed guest continues from that very state
+                snapshot.refresh(self._agent)
+        except KvmFailure:
+            self._kill()  # KVM's fault, not the snapshot's: it stays
+            raise
         except (IncusError, OSError) as exc:
             log.warning(
                 "VM %s did not resume from the boot snapshot %s (%s); booting it instead",
@@ -414,6 +481,11 @@ class VirtualMachine:
         if not console.exists():
             with contextlib.suppress(OSError):
                 console.write_bytes((entry.path / vm_images.BOOT_CONSOLE).read_bytes())
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.created))
+        self._console_note(
+            f"resumed from the boot saved at {saved} ({entry.path.name}): the lines above "
+            "are that boot's, the lines below this VM's own"
+        )
 
     # -- booting ---------------------------------------------------------------------------
 
@@ -428,22 +500,27 @@ class VirtualMachine:
         self._launch(self.qemu_argv())
         assert self._qemu is not None
         try:
-            try:
-                self._qemu.connect_qmp(min(deadline, time.monotonic() + QMP_DEADLINE))
-            except IncusError as exc:
-                if self._qemu.wait(time.monotonic() + 1):
-                    said = self._qemu.stderr().splitlines()[-1:] or ["nothing"]
-                    raise self._start_error(
-                        f"QEMU exited at once (exit code {self._qemu.child.returncode}); it said: "
-                        f"{said[0]}; check the kernel=/initrd= files and the options"
-                    ) from exc
-                raise self._start_error(str(exc)) from exc
-            self._agent = self._connect_agent(deadline)
-            if self.spec.init == "systemd":
-                self._wait_systemd(deadline)
+            with self._watching():
+                self._connect_qmp(deadline)
+                self._agent = self._connect_agent(deadline)
+                if self.spec.init == "systemd":
+                    self._wait_systemd(deadline)
         except BaseException:
             self._kill()
             raise
+
+    def _connect_qmp(self, deadline: float) -> None:
+        assert self._qemu is not None
+        try:
+            self._qemu.connect_qmp(min(deadline, time.monotonic() + QMP_DEADLINE))
+        except IncusError as exc:
+            if self._qemu.wait(time.monotonic() + 1):
+                said = self._qemu.stderr().splitlines()[-1:] or ["nothing"]
+                raise self._start_error(
+                    f"QEMU exited at once (exit code {self._qemu.child.returncode}); it said: "
+                    f"{said[0]}; check the kernel=/initrd= files and the options"
+                ) from exc
+            raise self._start_error(str(exc)) from exc
 
     def _connect_agent(self, deadline: float) -> AgentClient:
         """Connect to the guest agent; fail at once if QEMU ends, or at ``deadline``."""

@@ -12,6 +12,7 @@ from integration_helpers import assert_nothing_left, host_processes
 
 from pytest_incus import ConfigError, InstanceStartError
 from pytest_incus.factory import InstanceFactory
+from pytest_incus.images import vm as vm_images
 from pytest_incus.images.store import ImageStore
 from pytest_incus.runtimes import accel
 from pytest_incus.settings import Settings
@@ -60,28 +61,44 @@ def test_impossible_vm_stops_collection(pytester: pytest.Pytester, inner_args: l
     result.stderr.fnmatch_lines(["ERROR: *::test_vm: *a VM needs an image with a kernel*"])
 
 
-def test_kvm_probe_is_cached_per_host(scratch_cache: Path, fresh_choice: None) -> None:
+@pytest.fixture(scope="module")
+def vm_kernel(image_store: ImageStore) -> Path:
+    """The kernel of the debian/12 VM image: what the KVM probe boots."""
+    return vm_images.boot_kernel(image_store.get("debian/12", "vm").path)
+
+
+def test_kvm_probe_is_cached_per_host(
+    scratch_cache: Path, fresh_choice: None, vm_kernel: Path
+) -> None:
     started = time.monotonic()
-    first = accel.choose("auto", scratch_cache)
+    first = accel.choose("auto", scratch_cache, vm_kernel)
     probing = time.monotonic() - started
     assert probing < accel.PROBE_DEADLINE + 2, "the probe must give up quickly"
     assert host_processes(str(scratch_cache)) == [], "the probe's QEMU is still running"
     record = (scratch_cache / accel.CACHE_FILE).read_text()
     assert accel.qemu_version() in record
     assert Path("/proc/sys/kernel/random/boot_id").read_text().strip() in record
+    assert "a Linux guest (kernel debian-bookworm.vm/" in first.reason
 
     accel.forget()  # as a new process would
     started = time.monotonic()
-    second = accel.choose("auto", scratch_cache)
+    second = accel.choose("auto", scratch_cache, vm_kernel)
     assert time.monotonic() - started < 0.5, "the cached answer was not used"
     assert second.name == first.name
-    assert second.reason.endswith("(cached)")
+    assert second.reason.endswith(", cached)")
+
+
+def test_kvm_probe_guest_reaches_its_init_under_tcg(scratch_cache: Path, vm_kernel: Path) -> None:
+    # the probe's guest itself is sound: where KVM fails, it is KVM, not the probe
+    verdict = accel.boot_probe(scratch_cache, vm_kernel, accel.Accel("tcg", "forced"), 120.0)
+    assert verdict.works, verdict.detail
+    assert "reached its init in" in verdict.detail
 
 
 def test_forced_kvm_that_does_not_work_is_a_clear_error(
-    scratch_cache: Path, settings: Settings, fresh_choice: None
+    scratch_cache: Path, settings: Settings, fresh_choice: None, vm_kernel: Path
 ) -> None:
-    if accel.choose("auto", scratch_cache).name == "kvm":
+    if accel.choose("auto", scratch_cache, vm_kernel).name == "kvm":
         pytest.skip("KVM works on this host")  # HOST.md: it does not, here
     forced = Settings(cache_dir=settings.cache_dir, accel="kvm")
     factory = InstanceFactory(forced, ImageStore(forced))
@@ -91,9 +108,13 @@ def test_forced_kvm_that_does_not_work_is_a_clear_error(
 
 
 def test_forced_kvm_fails_the_inner_test_with_the_reason(
-    pytester: pytest.Pytester, inner_args: list[str], fresh_choice: None, settings: Settings
+    pytester: pytest.Pytester,
+    inner_args: list[str],
+    fresh_choice: None,
+    settings: Settings,
+    vm_kernel: Path,
 ) -> None:
-    if accel.choose("auto", settings.cache_dir).name == "kvm":
+    if accel.choose("auto", settings.cache_dir, vm_kernel).name == "kvm":
         pytest.skip("KVM works on this host")
     pytester.makepyfile(
         """
