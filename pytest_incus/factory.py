@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pytest_incus import fsutil, registry
@@ -36,7 +37,10 @@ class InstanceFactory:
     """Launches instances of any kind; each lives until ``delete()`` or ``close()``.
 
     ``instance_factory.launch(kind=..., image=..., **options)`` takes the options of the
-    ``instance`` marker.
+    ``instance`` marker. While a test runs (``running_test()``), the factory notes the instances
+    it uses, so that ``--incus-keep`` can keep them: a kept instance stays running and
+    registered after ``delete()`` and ``close()``, and only ``pytest-incus rm`` or
+    ``reap --kept`` removes it.
     """
 
     def __init__(
@@ -50,7 +54,8 @@ class InstanceFactory:
         self.images = images
         self._on_ready = on_ready
         self._owner = Owner.current()
-        self._live: dict[str, Instance] = {}
+        self._live: dict[str, Instance] = {}  # launched and not deleted; kept ones too
+        self._used: dict[str, Instance] | None = None  # by the running test, or None
 
     def launch(self, kind: str | None = None, image: str | None = None, **options: Any) -> Instance:
         """Launch an instance and return it once ready (see the ``instance`` marker's options)."""
@@ -87,9 +92,14 @@ class InstanceFactory:
             registry.remove_instance(self.settings, name, spec.kind)
             raise
         instance = Instance(
-            machine, spec, exec_timeout=self.settings.exec_timeout, on_delete=self._delete
+            machine,
+            spec,
+            exec_timeout=self.settings.exec_timeout,
+            on_delete=self._delete,
+            on_use=self.use,
         )
         self._live[name] = instance
+        self.use(instance)
         if self._on_ready is not None:
             try:
                 self._on_ready(instance)
@@ -98,13 +108,50 @@ class InstanceFactory:
                 raise
         return instance
 
+    @contextlib.contextmanager
+    def running_test(self) -> Iterator[None]:
+        """Around one test, setup to teardown: note the instances it uses (see ``use``)."""
+        self._used = {}
+        try:
+            yield
+        finally:
+            self._used = None
+
+    def use(self, instance: Instance) -> None:
+        """Note that the running test uses ``instance``: it (or one of its fixtures) launched
+        it, holds it as a fixture value, or called one of its methods. Under
+        ``--incus-keep=always`` that keeps it at once, so that its fixture's ``delete()`` leaves
+        it."""
+        if self._used is None or self._live.get(instance.name) is not instance:
+            return  # between tests, or deleted, or not ours
+        self._used.setdefault(instance.name, instance)
+        if self.settings.keep == "always":
+            self.keep(instance)
+
+    def keep_used(self) -> list[Instance]:
+        """Call when the running test failed: under ``--incus-keep=failed`` or ``always``,
+        keep every instance it used that still exists. Returns the kept ones, in the order
+        the test first used them."""
+        if self._used is None or self.settings.keep == "never":
+            return []
+        used = [inst for inst in self._used.values() if self._live.get(inst.name) is inst]
+        for inst in used:
+            self.keep(inst)
+        return used
+
     def keep(self, instance: Instance) -> None:
-        """Leave ``instance`` running after the run (``--incus-keep``); never reaped."""
+        """Leave ``instance`` running after the run (``--incus-keep``); never reaped.
+
+        Its ``delete()`` and ``close()`` leave it too; ``pytest-incus rm NAME`` removes it.
+        """
+        if instance.kept or self._live.get(instance.name) is not instance:
+            return
         instance.kept = True
         registry.mark_kept(instance.directory)
-        self._live.pop(instance.name, None)
 
     def _delete(self, instance: Instance) -> None:
+        if instance.kept:
+            return  # the user asked for it to stay, for a look inside after the run
         self._live.pop(instance.name, None)
         try:
             instance.machine.destroy()
@@ -115,6 +162,8 @@ class InstanceFactory:
         """Delete every instance launched here that is still alive (kept ones stay)."""
         errors = []
         for instance in list(self._live.values()):
+            if instance.kept:
+                continue
             try:
                 instance.delete()
             except (IncusError, OSError) as exc:

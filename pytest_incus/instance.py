@@ -7,6 +7,7 @@ is done by the instance's ``Machine``.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat as stat_module
@@ -14,6 +15,7 @@ import tarfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 from pytest_incus.errors import ExecError
 from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, InstanceState, Machine, Stat
@@ -103,6 +105,23 @@ def _tar_filter(mode: int | None) -> Callable[[tarfile.TarInfo], tarfile.TarInfo
     return owned_by_root
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _uses(method: Callable[Concatenate[Instance, P], R]) -> Callable[Concatenate[Instance, P], R]:
+    """Mark a method as a use of the instance: whoever launched it is told, so that
+    ``--incus-keep`` keeps what a failed test used even when no fixture value shows it."""
+
+    @functools.wraps(method)
+    def used(self: Instance, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        __tracebackhide__ = True
+        self._on_use(self)
+        return method(self, *args, **kwargs)
+
+    return used
+
+
 class Instance:
     """A running system container, app container or VM that a test drives.
 
@@ -117,11 +136,13 @@ class Instance:
         *,
         exec_timeout: float,
         on_delete: Callable[[Instance], None],
+        on_use: Callable[[Instance], None],
     ) -> None:
         self.machine = machine
         self.spec = spec
         self._exec_timeout = exec_timeout
         self._on_delete = on_delete
+        self._on_use = on_use
         self._state = InstanceState.RUNNING
         self.kept = False
 
@@ -157,6 +178,7 @@ class Instance:
 
     # -- commands --------------------------------------------------------------------------
 
+    @_uses
     def exec(
         self,
         cmd: str | Sequence[str],
@@ -206,6 +228,7 @@ class Instance:
 
     # -- files -----------------------------------------------------------------------------
 
+    @_uses
     def push(
         self, local_path: str | os.PathLike[str], remote_path: str, *, mode: int | None = None
     ) -> None:
@@ -225,6 +248,7 @@ class Instance:
             tar.add(local, arcname="." if is_tree else local.name, filter=_tar_filter(mode))
         self.machine.put_archive(buffer.getvalue(), remote_path, is_tree)
 
+    @_uses
     def pull(self, remote_path: str, local_path: str | os.PathLike[str]) -> None:
         """Copy a file or tree out of the instance, as ``docker cp`` does.
 
@@ -247,10 +271,12 @@ class Instance:
             for member in members:
                 tar.extract(member, target_dir, filter=_host_filter)
 
+    @_uses
     def write_file(self, path: str, data: str | bytes, *, mode: int = 0o644) -> None:
         """Create or replace the file ``path`` inside (parents created), owned by root."""
         self.machine.write_file(path, data.encode() if isinstance(data, str) else data, mode)
 
+    @_uses
     def read_file(self, path: str) -> bytes:
         """The content of the file ``path`` inside."""
         return self.machine.read_file(path)
@@ -259,12 +285,14 @@ class Instance:
         """The content of the file ``path`` inside, as UTF-8 text."""
         return self.read_file(path).decode("utf-8", "replace")
 
+    @_uses
     def file(self, path: str) -> FileInfo:
         """What is at ``path`` inside: ``exists``, ``is_file``, ``mode``, ``sha256``, ..."""
         return FileInfo(path, self, self.machine.stat(path))
 
     # -- life cycle ------------------------------------------------------------------------
 
+    @_uses
     def start(self) -> None:
         """Start a stopped instance and wait until it is ready."""
         if self._state is InstanceState.DELETED:
@@ -273,6 +301,7 @@ class Instance:
             self.machine.start()
         self._state = InstanceState.RUNNING
 
+    @_uses
     def stop(self, timeout: float = 30, force: bool = False) -> None:
         """Shut down cleanly within ``timeout`` seconds (then kill), or kill with ``force``."""
         if self._state is InstanceState.DELETED:
@@ -292,10 +321,12 @@ class Instance:
         self._state = InstanceState.DELETED
         self._on_delete(self)
 
+    @_uses
     def logs(self) -> str:
         """The console log (containers, VMs) or the app's output (apps)."""
         return self.machine.logs()
 
+    @_uses
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the app's main process to end (kind="app") and return its exit code;
         TimeoutError past ``timeout`` seconds."""

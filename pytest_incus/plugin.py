@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,7 @@ SETTINGS = pytest.StashKey[Settings]()
 STORE = pytest.StashKey[ImageStore]()
 FACTORY = pytest.StashKey[InstanceFactory]()
 CONFIG_ERRORS = pytest.StashKey[list[ConfigError]]()
-ITEM_INSTANCES = pytest.StashKey[list[Instance]]()
-ITEM_FAILED = pytest.StashKey[bool]()
+SHOWN = pytest.StashKey[set[str]]()  # kept instances a test's report already names
 
 MARKER_HELP = (
     "instance(kind='container', image=<incus_default_image>, **options): the instance that the "
@@ -277,19 +276,45 @@ def pytest_collection_modifyitems(config: pytest.Config) -> None:
         raise errors[0]
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    """Let the factory note what each test uses, from its setup to its teardown."""
+    with item.config.stash[FACTORY].running_test():
+        return (yield)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Note failures (for --incus-keep=failed) and say how to enter kept instances."""
+    """Keep what a failed test used (``--incus-keep``) and say how to enter it."""
     report = yield
+    factory = item.config.stash[FACTORY]
+    for inst in fixture_instances(item):
+        factory.use(inst)
     if report.failed:
-        item.stash[ITEM_FAILED] = True
+        shown = item.stash.setdefault(SHOWN, set())
         settings = item.config.stash[SETTINGS]
-        if settings.keep in ("failed", "always"):
-            for inst in item.stash.get(ITEM_INSTANCES, []):
+        for inst in factory.keep_used():
+            if inst.name not in shown:  # a test that fails, then errors in teardown: once
+                shown.add(inst.name)
                 report.sections.append(("pytest-incus", shell_hint(inst, settings)))
     return report
+
+
+def fixture_instances(item: pytest.Item) -> Iterator[Instance]:
+    """The instances among the test's fixture values (module- and session-scoped ones too),
+    also those in a list, tuple, set or dict that a fixture returned."""
+    for value in (getattr(item, "funcargs", None) or {}).values():
+        if isinstance(value, dict):
+            values = list(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            values = list(value)
+        else:
+            values = [value]
+        yield from (v for v in values if isinstance(v, Instance))
 
 
 def shell_hint(inst: Instance, settings: Settings) -> str:
