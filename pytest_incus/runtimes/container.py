@@ -44,6 +44,9 @@ ID_BASE = 1_000_000  # host uid/gid of root inside an unprivileged container
 ID_COUNT = 65_536
 READY_POLL = 0.02
 STOP_GRACE = 5  # seconds (liblxc takes an int)
+# overlayfs keeps whiteouts and opaque directories in user.overlay.* xattrs (kernel 5.11+), the
+# ones a user namespace may set
+UNPRIVILEGED_OVERLAY_OPTIONS = "userxattr"
 
 _HALT_SIGNALS = {"systemd": "SIGRTMIN+3", "busybox": "SIGUSR2"}
 
@@ -183,6 +186,11 @@ class Container:
                 f"{name}: LXC read rootfs {got!r} from the config, expected "
                 f"{expected!r}; refusing to start"
             )
+        options = "" if spec.privileged else UNPRIVILEGED_OVERLAY_OPTIONS
+        if (got := self._c.get_config_item("lxc.rootfs.options")) != options:
+            raise InstanceStartError(
+                f"{name}: LXC read rootfs options {got!r} from the config, expected {options!r}"
+            )
 
     # -- configuration -------------------------------------------------------------------
 
@@ -220,6 +228,11 @@ class Container:
             lines += [
                 f"lxc.idmap = u 0 {ID_BASE} {ID_COUNT}",
                 f"lxc.idmap = g 0 {ID_BASE} {ID_COUNT}",
+                # liblxc mounts the overlay inside the container's user namespace, where the
+                # trusted.overlay.* xattrs of whiteouts and opaque directories cannot be set:
+                # without this, removing a directory of the image and making it again fails
+                # (EIO, EEXIST, EXDEV). liblxc adds these options to the overlay's own.
+                f"lxc.rootfs.options = {UNPRIVILEGED_OVERLAY_OPTIONS}",
             ]
         if spec.cpus is not None:
             key = cgroups.config_key("cpuset", "cpuset.cpus", "cpuset.cpus")
