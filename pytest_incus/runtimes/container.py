@@ -33,7 +33,7 @@ from pytest_incus.errors import (
     tail,
 )
 from pytest_incus.images.store import Image, ImageStore
-from pytest_incus.runtimes import cgroups, inside, process, readiness
+from pytest_incus.runtimes import cgroups, inside, mounts, process, readiness
 from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, Stat
 from pytest_incus.runtimes.server import ExecServer
 from pytest_incus.spec import InstanceSpec
@@ -175,6 +175,7 @@ class Container:
         self.name = name
         self.directory = directory
         self.image = image
+        self._mounts = mounts.plan(spec.mounts, directory)
         self._write_config(hook)
         lxc = _lxc()
         self._c = lxc.Container(name, str(directory.parent))
@@ -244,12 +245,8 @@ class Container:
             if key is None:
                 raise InstanceStartError("memory=: this host has no memory cgroup")
             lines.append(f"{key} = {spec.memory}")
-        for host_path, inner in spec.mounts.items():
-            kind = "dir" if Path(host_path).is_dir() else "file"
-            lines.append(
-                f"lxc.mount.entry = {Path(host_path).resolve()} {inner.lstrip('/')} none "
-                f"bind,ro,create={kind} 0 0"
-            )
+        # the staging paths, which the host mounts at each start (runtimes/mounts.py)
+        lines += [staged.config_line() for staged in self._mounts]
         lines += self._extra_config()
         fsutil.write_atomic(d / "config", "\n".join(lines) + "\n")
 
@@ -263,6 +260,7 @@ class Container:
         """Start, then wait until init has finished booting."""
         deadline = time.monotonic() + self.spec.boot_timeout
         self._record_cgroups()
+        self._stage_mounts()
         # Started by lxc-start, not by the bindings' start(): that one forks this whole
         # process and (liblxc 5.0) moves the caller into the monitor's cgroup, which then has to
         # be undone in every hierarchy; the small lxc-start process takes both costs for us.
@@ -287,6 +285,11 @@ class Container:
             self._wait_systemd(deadline)
         elif self.image.init != "busybox":
             self._check_exec_works()
+
+    def _stage_mounts(self) -> None:
+        """Mount the host paths of ``mounts`` on their staging paths, idmapped with this
+        container's mapping if it is unprivileged; before liblxc copies the host's mounts."""
+        mounts.stage(self._mounts, None if self.spec.privileged else (ID_BASE, ID_COUNT))
 
     def _record_cgroups(self) -> None:
         """liblxc makes the container's cgroups next to ours: record where, before they
@@ -345,6 +348,7 @@ class Container:
             if force or not self._c.shutdown(max(1, round(timeout))):
                 self._c.stop()
             self._c.wait("STOPPED", STOP_GRACE)
+        mounts.unstage(self.directory)
         cgroups.remove(self.name, _recorded_cgroups(self.directory))
 
     def destroy(self) -> None:
@@ -363,6 +367,7 @@ class Container:
                 c.wait("STOPPED", STOP_GRACE)
         # after a failed start the monitor is still cleaning up when liblxc returns
         _end_monitor(name, directory.parent)
+        mounts.unstage(directory)
         leftover = cgroups.remove(name, _recorded_cgroups(directory))
         if leftover:
             log.warning("cgroups of container %s could not be removed: %s", name, leftover)
