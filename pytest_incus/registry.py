@@ -152,7 +152,7 @@ def leftovers(settings: Settings, name: str) -> list[str]:
     directory = settings.instances_dir / name
     if directory.exists():
         found.append(f"directory {directory}")
-    found += [f"mount {m}" for m in fsutil.mounts_below(directory)] if directory.exists() else []
+    found += [f"mount {m}" for m in fsutil.mounts_below(directory)]  # even with no directory
     # an LXC monitor is "[lxc monitor] <lxcpath> <name>"
     monitor = f"{settings.instances_dir} {name}"
     for pid, cmdline in process.cmdlines():

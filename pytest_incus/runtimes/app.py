@@ -203,6 +203,7 @@ class App(Container):
         self._reap_execute()
         self._exit_code = None
         self._record_cgroups()
+        self._stage_mounts()
         self._log = open(self.directory / LOG, "ab")  # noqa: SIM115 (kept for the app's life)
         lxcpath = str(self.directory.parent)
         # --quiet: lxc-execute is also the container's monitor, and liblxc's own errors would

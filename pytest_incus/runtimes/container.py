@@ -33,7 +33,7 @@ from pytest_incus.errors import (
     tail,
 )
 from pytest_incus.images.store import Image, ImageStore
-from pytest_incus.runtimes import cgroups, inside, process, readiness
+from pytest_incus.runtimes import cgroups, inside, mounts, process, readiness
 from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, Stat
 from pytest_incus.runtimes.server import ExecServer
 from pytest_incus.spec import InstanceSpec
@@ -44,6 +44,9 @@ ID_BASE = 1_000_000  # host uid/gid of root inside an unprivileged container
 ID_COUNT = 65_536
 READY_POLL = 0.02
 STOP_GRACE = 5  # seconds (liblxc takes an int)
+# overlayfs keeps whiteouts and opaque directories in user.overlay.* xattrs (kernel 5.11+), the
+# ones a user namespace may set
+UNPRIVILEGED_OVERLAY_OPTIONS = "userxattr"
 
 _HALT_SIGNALS = {"systemd": "SIGRTMIN+3", "busybox": "SIGUSR2"}
 
@@ -172,6 +175,7 @@ class Container:
         self.name = name
         self.directory = directory
         self.image = image
+        self._mounts = mounts.plan(spec.mounts, directory)
         self._write_config(hook)
         lxc = _lxc()
         self._c = lxc.Container(name, str(directory.parent))
@@ -182,6 +186,11 @@ class Container:
             raise InstanceStartError(
                 f"{name}: LXC read rootfs {got!r} from the config, expected "
                 f"{expected!r}; refusing to start"
+            )
+        options = "" if spec.privileged else UNPRIVILEGED_OVERLAY_OPTIONS
+        if (got := self._c.get_config_item("lxc.rootfs.options")) != options:
+            raise InstanceStartError(
+                f"{name}: LXC read rootfs options {got!r} from the config, expected {options!r}"
             )
 
     # -- configuration -------------------------------------------------------------------
@@ -220,6 +229,11 @@ class Container:
             lines += [
                 f"lxc.idmap = u 0 {ID_BASE} {ID_COUNT}",
                 f"lxc.idmap = g 0 {ID_BASE} {ID_COUNT}",
+                # liblxc mounts the overlay inside the container's user namespace, where the
+                # trusted.overlay.* xattrs of whiteouts and opaque directories cannot be set:
+                # without this, removing a directory of the image and making it again fails
+                # (EIO, EEXIST, EXDEV). liblxc adds these options to the overlay's own.
+                f"lxc.rootfs.options = {UNPRIVILEGED_OVERLAY_OPTIONS}",
             ]
         if spec.cpus is not None:
             key = cgroups.config_key("cpuset", "cpuset.cpus", "cpuset.cpus")
@@ -231,12 +245,8 @@ class Container:
             if key is None:
                 raise InstanceStartError("memory=: this host has no memory cgroup")
             lines.append(f"{key} = {spec.memory}")
-        for host_path, inner in spec.mounts.items():
-            kind = "dir" if Path(host_path).is_dir() else "file"
-            lines.append(
-                f"lxc.mount.entry = {Path(host_path).resolve()} {inner.lstrip('/')} none "
-                f"bind,ro,create={kind} 0 0"
-            )
+        # the staging paths, which the host mounts at each start (runtimes/mounts.py)
+        lines += [staged.config_line() for staged in self._mounts]
         lines += self._extra_config()
         fsutil.write_atomic(d / "config", "\n".join(lines) + "\n")
 
@@ -250,6 +260,7 @@ class Container:
         """Start, then wait until init has finished booting."""
         deadline = time.monotonic() + self.spec.boot_timeout
         self._record_cgroups()
+        self._stage_mounts()
         # Started by lxc-start, not by the bindings' start(): that one forks this whole
         # process and (liblxc 5.0) moves the caller into the monitor's cgroup, which then has to
         # be undone in every hierarchy; the small lxc-start process takes both costs for us.
@@ -274,6 +285,11 @@ class Container:
             self._wait_systemd(deadline)
         elif self.image.init != "busybox":
             self._check_exec_works()
+
+    def _stage_mounts(self) -> None:
+        """Mount the host paths of ``mounts`` on their staging paths, idmapped with this
+        container's mapping if it is unprivileged; before liblxc copies the host's mounts."""
+        mounts.stage(self._mounts, None if self.spec.privileged else (ID_BASE, ID_COUNT))
 
     def _record_cgroups(self) -> None:
         """liblxc makes the container's cgroups next to ours: record where, before they
@@ -332,6 +348,7 @@ class Container:
             if force or not self._c.shutdown(max(1, round(timeout))):
                 self._c.stop()
             self._c.wait("STOPPED", STOP_GRACE)
+        mounts.unstage(self.directory)
         cgroups.remove(self.name, _recorded_cgroups(self.directory))
 
     def destroy(self) -> None:
@@ -350,6 +367,7 @@ class Container:
                 c.wait("STOPPED", STOP_GRACE)
         # after a failed start the monitor is still cleaning up when liblxc returns
         _end_monitor(name, directory.parent)
+        mounts.unstage(directory)
         leftover = cgroups.remove(name, _recorded_cgroups(directory))
         if leftover:
             log.warning("cgroups of container %s could not be removed: %s", name, leftover)
