@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_incus.errors import ExecError
-from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, InstanceState, Machine, Stat
+from pytest_incus.runtimes.protocol import Machine
 from pytest_incus.spec import InstanceSpec
+from pytest_incus.values import ExecRequest, ExecResult, InstanceState, Stat
 
 
 @dataclass(frozen=True)

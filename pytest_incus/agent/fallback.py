@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from pytest_incus.errors import AgentError
-from pytest_incus.runtimes.protocol import ExecRequest
+from pytest_incus.values import ExecRequest
 
 if TYPE_CHECKING:
     from pytest_incus.agent.client import AgentClient
@@ -155,27 +155,6 @@ def _outcome(status: dict[str, Any]) -> tuple[int, bytes, bytes]:
     return int(code), out, err
 
 
-def run(client: AgentClient, request: ExecRequest) -> tuple[int, bytes, bytes, bool]:
-    """Run ``request`` through the wrapper: (exit code, stdout, stderr, timed out)."""
-    started = time.monotonic()
-    user = "" if request.user is None else str(request.user)
-    argv = ["/bin/sh", "-c", WRAPPER, "sh", user, request.cwd or "", *_command_line(request)]
-    pid = spawn(client, argv, request.input, request.env)
-    deadline = None if request.timeout is None else started + request.timeout + KILL_GRACE
-    status = wait(client, pid, deadline)
-    if status is None:
-        # `timeout` should have killed it: kill its group ourselves, and say so
-        spawn(client, ["kill", "-KILL", "--", f"-{pid}"], None)
-        return 137, b"", b"", True
-    code, out, err = _outcome(status)
-    elapsed = time.monotonic() - started
-    if code == SETUP_FAILED and out.startswith(SETUP_MARK.encode()):
-        message = out[len(SETUP_MARK) :].decode("utf-8", "replace").strip()
-        raise AgentError(f"{client.name}: cannot run {list(request.argv)!r}: {message}")
-    timed_out = request.timeout is not None and code == 137 and elapsed >= request.timeout * 0.99
-    return code, out, err, timed_out
-
-
 def tool(client: AgentClient, script: str, args: list[str], data: bytes | None = None) -> bytes:
     """Run a shell ``script`` with ``args`` as root; its stdout, or the OSError its stderr
     names (for ``args[0]``), or AgentError."""
@@ -190,67 +169,6 @@ def tool(client: AgentClient, script: str, args: list[str], data: bytes | None =
             raise OSError(number, os.strerror(number), args[0] if args else None)
         raise AgentError(f"{client.name}: {script.split()[0]} {args!r} failed: {text}")
     return out
-
-
-# -- files --------------------------------------------------------------------------------
-
-
-def read_file(client: AgentClient, path: str) -> bytes:
-    """The content of ``path``, through guest-file-open/read/close."""
-    handle = client.request("guest-file-open", {"path": path, "mode": "r"}, path=path)
-    chunks = []
-    try:
-        while True:
-            reply = client.request(
-                "guest-file-read", {"handle": handle, "count": 4 << 20}, path=path
-            )
-            chunks.append(base64.b64decode(reply["buf-b64"]))
-            if reply["eof"] or not reply["count"]:
-                break
-    finally:
-        client.request("guest-file-close", {"handle": handle}, path=path)
-    return b"".join(chunks)
-
-
-def write_file(client: AgentClient, path: str, data: bytes, mode: int) -> None:
-    """Replace ``path`` with ``data`` (stdin of one command), owned by root, parents made."""
-    script = (
-        'mkdir -p -- "$(dirname -- "$1")" && cat > "$1" && '
-        '{ [ "$(id -u)" != 0 ] || chown 0:0 -- "$1"; } && chmod "$2" -- "$1"'
-    )
-    tool(client, script, [path, f"{mode & 0o7777:o}"], data)
-
-
-def stat(client: AgentClient, path: str) -> dict[str, Any] | None:
-    """{lstat, stat} as the extension gives it, from ``stat -c``; None if missing."""
-    script = (
-        f"stat -c '{_STAT_FORMAT}' -- \"$1\" && "
-        f"{{ stat -L -c '{_STAT_FORMAT}' -- \"$1\" 2>/dev/null || echo dangling; }}"
-    )
-    try:
-        lines = tool(client, script, [path]).decode().split("\n")
-    except FileNotFoundError:
-        return None
-
-    def record(line: str) -> dict[str, int]:
-        mode, uid, gid, size = line.split()
-        return {"mode": int(mode, 16), "uid": int(uid), "gid": int(gid), "size": int(size)}
-
-    return {
-        "lstat": record(lines[0]),
-        "stat": None if lines[1].strip() == "dangling" else record(lines[1]),
-    }
-
-
-def sha256(client: AgentClient, path: str) -> str:
-    """The sha256 of ``path``, from sha256sum."""
-    out = tool(client, 'sha256sum -- "$1"', [path]).decode()
-    return out.split()[0].lstrip("\\")
-
-
-def remove(client: AgentClient, path: str) -> None:
-    """rm -rf ``path``."""
-    tool(client, 'rm -rf -- "$1"', [path])
 
 
 def _is_dir(mode: int) -> bool:
@@ -271,26 +189,115 @@ def _renamed(archive: bytes, name: str) -> bytes:
     return out.getvalue()
 
 
-def put_archive(client: AgentClient, archive: bytes, dest: str, is_tree: bool) -> None:
-    """Unpack ``archive`` with the guest's tar (see ``Machine.put_archive``)."""
-    untar = 'tar -x --numeric-owner -p -f - -C "$1"'
-    found = stat(client, dest)
-    into_dir = found is not None and _is_dir((found["stat"] or found["lstat"])["mode"])
-    if is_tree or into_dir:
-        tool(client, f'mkdir -p -- "$1" && {untar}', [dest], archive)
-        return
-    parent = posixpath.dirname(dest) or "/"
-    data = _renamed(archive, posixpath.basename(dest))
-    script = f'mkdir -p -- "$1" && rm -f -- "$2" && {untar}'
-    tool(client, script, [parent, dest], data)
+class StockAgent:
+    """The ``Peer`` of a stock qemu-ga (or any agent without our extensions): exec through
+    the wrapper, files through guest-file-* and the guest's tools."""
 
+    extended = False
 
-def get_archive(client: AgentClient, path: str) -> bytes:
-    """A tar of ``path`` from the guest's tar (see ``Machine.get_archive``)."""
-    found = stat(client, path)
-    if found is None:
-        raise FileNotFoundError(2, os.strerror(2), path)
-    if _is_dir(found["lstat"]["mode"]):
-        return tool(client, 'tar -c -f - -C "$1" .', [path])
-    parent = posixpath.dirname(path.rstrip("/")) or "/"
-    return tool(client, 'tar -c -f - -C "$1" -- "$2"', [parent, posixpath.basename(path)])
+    def __init__(self, client: AgentClient) -> None:
+        self.client = client
+
+    def run(self, request: ExecRequest) -> tuple[int, bytes, bytes, bool]:
+        """Run ``request`` through the wrapper: (exit code, stdout, stderr, timed out)."""
+        client = self.client
+        started = time.monotonic()
+        user = "" if request.user is None else str(request.user)
+        argv = ["/bin/sh", "-c", WRAPPER, "sh", user, request.cwd or "", *_command_line(request)]
+        pid = spawn(client, argv, request.input, request.env)
+        deadline = None if request.timeout is None else started + request.timeout + KILL_GRACE
+        status = wait(client, pid, deadline)
+        if status is None:
+            # `timeout` should have killed it: kill its group ourselves, and say so
+            spawn(client, ["kill", "-KILL", "--", f"-{pid}"], None)
+            return 137, b"", b"", True
+        code, out, err = _outcome(status)
+        elapsed = time.monotonic() - started
+        if code == SETUP_FAILED and out.startswith(SETUP_MARK.encode()):
+            message = out[len(SETUP_MARK) :].decode("utf-8", "replace").strip()
+            raise AgentError(f"{client.name}: cannot run {list(request.argv)!r}: {message}")
+        timed_out = (
+            request.timeout is not None and code == 137 and elapsed >= request.timeout * 0.99
+        )
+        return code, out, err, timed_out
+
+    def read_file(self, path: str) -> bytes:
+        """The content of ``path``, through guest-file-open/read/close."""
+        client = self.client
+        handle = client.request("guest-file-open", {"path": path, "mode": "r"}, path=path)
+        chunks = []
+        try:
+            while True:
+                reply = client.request(
+                    "guest-file-read", {"handle": handle, "count": 4 << 20}, path=path
+                )
+                chunks.append(base64.b64decode(reply["buf-b64"]))
+                if reply["eof"] or not reply["count"]:
+                    break
+        finally:
+            client.request("guest-file-close", {"handle": handle}, path=path)
+        return b"".join(chunks)
+
+    def write_file(self, path: str, data: bytes, mode: int) -> None:
+        """Replace ``path`` with ``data`` (stdin of one command), owned by root, parents made."""
+        script = (
+            'mkdir -p -- "$(dirname -- "$1")" && cat > "$1" && '
+            '{ [ "$(id -u)" != 0 ] || chown 0:0 -- "$1"; } && chmod "$2" -- "$1"'
+        )
+        tool(self.client, script, [path, f"{mode & 0o7777:o}"], data)
+
+    def stat(self, path: str) -> dict[str, Any] | None:
+        """{lstat, stat} as the extension gives it, from ``stat -c``; None if missing."""
+        script = (
+            f"stat -c '{_STAT_FORMAT}' -- \"$1\" && "
+            f"{{ stat -L -c '{_STAT_FORMAT}' -- \"$1\" 2>/dev/null || echo dangling; }}"
+        )
+        try:
+            lines = tool(self.client, script, [path]).decode().split("\n")
+        except FileNotFoundError:
+            return None
+
+        def record(line: str) -> dict[str, int]:
+            mode, uid, gid, size = line.split()
+            return {"mode": int(mode, 16), "uid": int(uid), "gid": int(gid), "size": int(size)}
+
+        return {
+            "lstat": record(lines[0]),
+            "stat": None if lines[1].strip() == "dangling" else record(lines[1]),
+        }
+
+    def sha256(self, path: str) -> str:
+        """The sha256 of ``path``, from sha256sum."""
+        out = tool(self.client, 'sha256sum -- "$1"', [path]).decode()
+        return out.split()[0].lstrip("\\")
+
+    def remove(self, path: str) -> None:
+        """rm -rf ``path``."""
+        tool(self.client, 'rm -rf -- "$1"', [path])
+
+    def put_archive(self, archive: bytes, dest: str, is_tree: bool) -> None:
+        """Unpack ``archive`` with the guest's tar (see ``Machine.put_archive``)."""
+        untar = 'tar -x --numeric-owner -p -f - -C "$1"'
+        found = self.stat(dest)
+        into_dir = found is not None and _is_dir((found["stat"] or found["lstat"])["mode"])
+        if is_tree or into_dir:
+            tool(self.client, f'mkdir -p -- "$1" && {untar}', [dest], archive)
+            return
+        parent = posixpath.dirname(dest) or "/"
+        data = _renamed(archive, posixpath.basename(dest))
+        script = f'mkdir -p -- "$1" && rm -f -- "$2" && {untar}'
+        tool(self.client, script, [parent, dest], data)
+
+    def get_archive(self, path: str) -> bytes:
+        """A tar of ``path`` from the guest's tar (see ``Machine.get_archive``)."""
+        found = self.stat(path)
+        if found is None:
+            raise FileNotFoundError(2, os.strerror(2), path)
+        if _is_dir(found["lstat"]["mode"]):
+            return tool(self.client, 'tar -c -f - -C "$1" .', [path])
+        parent = posixpath.dirname(path.rstrip("/")) or "/"
+        return tool(self.client, 'tar -c -f - -C "$1" -- "$2"', [parent, posixpath.basename(path)])
+
+    def add_entropy(self, data: bytes) -> None:
+        """Not for a stock agent: it has no command for the guest's random pool."""
+        raise AgentError(f"{self.client.name}: only the pytest-incus agent has pti-add-entropy")

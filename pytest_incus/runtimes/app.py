@@ -32,8 +32,8 @@ from pytest_incus.runtimes.container import (
     _hook_path,
     unprivileged_unavailable,
 )
-from pytest_incus.runtimes.protocol import ExecRequest, ExecResult
 from pytest_incus.spec import InstanceSpec
+from pytest_incus.values import ExecRequest, ExecResult
 
 LOG = "app.log"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -34,9 +34,9 @@ from pytest_incus.errors import (
 )
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.runtimes import cgroups, inside, process, readiness
-from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, Stat
 from pytest_incus.runtimes.server import ExecServer
 from pytest_incus.spec import InstanceSpec
+from pytest_incus.values import ExecRequest, ExecResult, Stat
 
 log = logging.getLogger("pytest_incus")
 

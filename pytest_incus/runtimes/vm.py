@@ -40,8 +40,8 @@ from pytest_incus.images import vm as vm_images
 from pytest_incus.images.ref import parse_ref
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.runtimes import accel, qemu, readiness, snapshot
-from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, Stat
 from pytest_incus.spec import VM_INITS, InstanceSpec
+from pytest_incus.values import ExecRequest, ExecResult, Stat
 
 log = logging.getLogger("pytest_incus")
 

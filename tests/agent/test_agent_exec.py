@@ -9,7 +9,7 @@ from agent_helpers import AgentTarget, run, wait_until
 
 from pytest_incus import AgentError, ExecTimeoutError
 from pytest_incus.agent import AgentClient
-from pytest_incus.runtimes.protocol import ExecRequest
+from pytest_incus.values import ExecRequest
 
 
 def test_output_and_exit_code(agent_client: AgentClient) -> None:
