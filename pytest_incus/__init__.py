@@ -8,7 +8,10 @@ from pytest_incus.errors import (
     ImageError,
     IncusError,
     InstanceStartError,
+    NotRunningError,
     UnavailableError,
+    UnknownUserError,
+    WaitTimeoutError,
 )
 from pytest_incus.factory import InstanceFactory
 from pytest_incus.images.store import Image, ImageStore
@@ -33,6 +36,9 @@ __all__ = [
     "InstanceSpec",
     "InstanceStartError",
     "InstanceState",
+    "NotRunningError",
     "Settings",
     "UnavailableError",
+    "UnknownUserError",
+    "WaitTimeoutError",
 ]

@@ -9,7 +9,8 @@ else the same done through ``guest-exec`` and the guest's shell tools (``fallbac
 One request at a time goes over the socket (a lock); a reply that never came (a timeout)
 leaves the stream out of step, so the next request first resynchronises with
 ``guest-sync-delimited``. Protocol errors become ``AgentError`` or, for file operations that
-failed in the guest's filesystem, the matching ``OSError`` (``_raise_error``).
+failed in the guest's filesystem, the matching ``OSError``, and for a command that could not
+start (a missing cwd, an unknown user) the error every kind raises for it (``_raise_error``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, NoReturn
 
 from pytest_incus.agent import extensions, fallback
 from pytest_incus.agent.peer import Peer
-from pytest_incus.errors import AgentError, ExecTimeoutError
+from pytest_incus.errors import AgentError, ExecTimeoutError, setup_error
 from pytest_incus.values import ExecRequest, ExecResult, Stat
 
 log = logging.getLogger("pytest_incus")
@@ -93,9 +94,13 @@ class AgentClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(self.socket_path))
-        except OSError:
+        except OSError as exc:  # a host path: never to be taken for one in the guest
             sock.close()
-            raise
+            raise AgentError(
+                f"{self.name}: cannot connect to the guest agent's socket {self.socket_path} "
+                f"({exc.strerror}); did the VM stop?",
+                exc=exc,
+            ) from exc
         self._sock = sock
         self._buffer.clear()
 
@@ -233,7 +238,7 @@ class AgentClient:
                 f"{self.name}: the guest agent did not answer {command} in time"
             ) from None
         if "error" in reply:
-            _raise_error(self.name, command, reply["error"], path)
+            _raise_error(self.name, command, arguments, reply["error"], path)
         return reply.get("return")
 
     def has(self, command: str) -> bool:
@@ -335,15 +340,27 @@ def _encode(command: str, arguments: dict[str, Any]) -> bytes:
     return json.dumps({"execute": command, "arguments": arguments}).encode()
 
 
-def _raise_error(name: str, command: str, error: Any, path: str | None) -> NoReturn:
-    """The one place where the agent's error replies become exceptions."""
-    desc = str(error.get("desc", error)) if isinstance(error, dict) else str(error)
-    code = error.get("errno") if isinstance(error, dict) else None
+def _raise_error(
+    name: str, command: str, arguments: dict[str, Any], error: Any, path: str | None
+) -> NoReturn:
+    """The one place where the agent's error replies become exceptions: for a request about
+    ``path`` that the guest's filesystem refused, the matching OSError (of the path the reply
+    names, else ``path``); for an exec that could not start, what ``setup_error`` says;
+    AgentError otherwise."""
+    info = error if isinstance(error, dict) else {}
+    desc = str(info.get("desc", error))
+    code = info.get("errno")
+    if "argv" in arguments and (
+        found := setup_error(
+            name, arguments["argv"], errno=code, path=info.get("path"), user=info.get("user")
+        )
+    ):
+        raise found
     if path is not None:
         if not isinstance(code, int):
             code = fallback.errno_from_text(desc)
         if code is not None:
-            raise OSError(code, os.strerror(code), path)
+            raise OSError(code, os.strerror(code), info.get("path") or path)
     if "has been disabled" in desc or "has not been found" in desc:
         raise AgentError(
             f"{name}: the guest agent cannot run {command}: {desc} (a stock qemu-ga lacks our "

@@ -74,7 +74,7 @@ class Extensions:
         """pti-stat."""
         try:
             raw: dict[str, Any] = self.client.request("pti-stat", {"path": path}, path=path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # missing, as pathlib says
             return None
         return raw
 

@@ -17,12 +17,13 @@ import errno
 import io
 import os
 import posixpath
+import re
 import tarfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pytest_incus.errors import AgentError
+from pytest_incus.errors import AgentError, setup_error
 from pytest_incus.values import ExecRequest
 
 if TYPE_CHECKING:
@@ -33,7 +34,8 @@ POLL_FIRST = 0.001  # seconds before the first guest-exec-status; doubles up to 
 POLL_MAX = 0.05
 KILL_GRACE = 10.0  # seconds past the timeout for `timeout` to have killed the command
 SETUP_FAILED = 125  # with SETUP_MARK on stdout: the wrapper could not prepare the command
-SETUP_MARK = "pti-setup-error:"
+SETUP_MARK = "pti-setup-error:"  # then "cwd ERRNO" or "user", a newline and the cwd or user
+OSERROR_MARK = re.compile(r"^pti-oserror:(\d+):(.*)$", re.MULTILINE)  # errno, path
 _STAT_FORMAT = "%f %u %g %s"
 
 # $1 user ("" for the agent's own), $2 cwd ("" for the user's home), $3 "1" to switch to the
@@ -42,7 +44,7 @@ _STAT_FORMAT = "%f %u %g %s"
 # env; only what it lacks of the user's defaults is added here.
 WRAPPER = r"""
 pti_user=$1 pti_cwd=$2 pti_switch=$3; shift 3
-pti_fail() { printf '%s %s' "pti-setup-error:" "$1"; exit 125; }
+pti_fail() { printf 'pti-setup-error:%s\n%s' "$1" "$2"; exit 125; }
 if [ -z "$pti_user" ]; then
   while read -r pti_key pti_value _; do
     if [ "$pti_key" = Uid: ]; then pti_user=$pti_value; fi
@@ -53,11 +55,22 @@ while IFS=: read -r pti_name _ pti_uid pti_gid _ pti_home pti_shell; do
   if [ "$pti_name" = "$pti_user" ] || [ "$pti_uid" = "$pti_user" ]; then pti_found=1; break; fi
 done < /etc/passwd
 if [ -z "$pti_found" ]; then
-  case $pti_user in *[!0-9]*|'') pti_fail "no user '$pti_user' in the guest's /etc/passwd";; esac
+  case $pti_user in *[!0-9]*|'') pti_fail user "$pti_user";; esac
   pti_name=$pti_user pti_uid=$pti_user pti_gid=$pti_user pti_home=/ pti_shell=/bin/sh
 fi
 if [ -n "$pti_cwd" ]; then
-  cd "$pti_cwd" 2>/dev/null || pti_fail "cannot enter cwd '$pti_cwd': no such directory"
+  if ! cd "$pti_cwd" 2>/dev/null; then
+    # the errno chdir gave: ENOTDIR if it or the nearest parent that exists is no directory
+    pti_errno=13 pti_p=$pti_cwd
+    if [ ! -d "$pti_p" ]; then
+      pti_errno=2
+      while [ -n "$pti_p" ]; do
+        if [ -e "$pti_p" ]; then [ -d "$pti_p" ] || pti_errno=20; break; fi
+        case $pti_p in */*) pti_p=${pti_p%/*};; *) pti_p=;; esac
+      done
+    fi
+    pti_fail "cwd $pti_errno" "$pti_cwd"
+  fi
 else cd "$pti_home" 2>/dev/null || cd /; fi
 unset OLDPWD
 [ -n "${HOME+x}" ] || export HOME="$pti_home"
@@ -70,6 +83,21 @@ if [ "$pti_switch" = 1 ]; then
   set -- /usr/bin/setpriv --reuid="$pti_uid" --regid="$pti_gid" $pti_groups -- "$@"
 fi
 exec "$@"
+"""
+
+
+# mkdir -p, but something in the way that is not a directory (a file, a dangling link) is
+# ENOTDIR naming it, as in the other kinds, rather than mkdir's "File exists" for the new path
+MKDIRS = r"""
+pti_mkdirs() {
+  [ -d "$1" ] && return 0
+  pti_d=$1
+  until [ -e "$pti_d" ] || [ -L "$pti_d" ]; do
+    case $pti_d in */*) pti_d=${pti_d%/*}; pti_d=${pti_d:-/};; *) pti_d=.;; esac
+  done
+  [ -d "$pti_d" ] || { printf 'pti-oserror:20:%s\n' "$pti_d" >&2; return 1; }
+  mkdir -p -- "$1"
+}
 """
 
 
@@ -155,6 +183,18 @@ def _outcome(status: dict[str, Any]) -> tuple[int, bytes, bytes]:
     return int(code), out, err
 
 
+def _setup_failure(name: str, argv: Sequence[str], said: bytes) -> Exception:
+    """The error for what the wrapper said (after SETUP_MARK) when it could not prepare a
+    command: the same as every kind raises for that mistake."""
+    what, _, subject = said.decode("utf-8", "replace").partition("\n")
+    kind, _, number = what.partition(" ")
+    if kind == "user":
+        found = setup_error(name, argv, user=subject)
+    else:
+        found = setup_error(name, argv, errno=int(number or 0), path=subject)
+    return found or AgentError(f"{name}: cannot run {list(argv)!r}: {what} {subject}")
+
+
 def tool(client: AgentClient, script: str, args: list[str], data: bytes | None = None) -> bytes:
     """Run a shell ``script`` with ``args`` as root; its stdout, or the OSError its stderr
     names (for ``args[0]``), or AgentError."""
@@ -164,10 +204,14 @@ def tool(client: AgentClient, script: str, args: list[str], data: bytes | None =
     code, out, err = _outcome(status)
     if code != 0:
         text = err.decode("utf-8", "replace").strip()
+        if marked := OSERROR_MARK.search(text):
+            raise OSError(int(marked[1]), os.strerror(int(marked[1])), marked[2])
         number = errno_from_text(text)
         if number is not None:
             raise OSError(number, os.strerror(number), args[0] if args else None)
-        raise AgentError(f"{client.name}: {script.split()[0]} {args!r} failed: {text}")
+        raise AgentError(
+            f"{client.name}: {script.removeprefix(MKDIRS).split()[0]} {args!r} failed: {text}"
+        )
     return out
 
 
@@ -214,8 +258,7 @@ class StockAgent:
         code, out, err = _outcome(status)
         elapsed = time.monotonic() - started
         if code == SETUP_FAILED and out.startswith(SETUP_MARK.encode()):
-            message = out[len(SETUP_MARK) :].decode("utf-8", "replace").strip()
-            raise AgentError(f"{client.name}: cannot run {list(request.argv)!r}: {message}")
+            raise _setup_failure(client.name, request.argv, out[len(SETUP_MARK) :])
         timed_out = (
             request.timeout is not None and code == 137 and elapsed >= request.timeout * 0.99
         )
@@ -240,8 +283,8 @@ class StockAgent:
 
     def write_file(self, path: str, data: bytes, mode: int) -> None:
         """Replace ``path`` with ``data`` (stdin of one command), owned by root, parents made."""
-        script = (
-            'mkdir -p -- "$(dirname -- "$1")" && cat > "$1" && '
+        script = MKDIRS + (
+            'pti_mkdirs "$(dirname -- "$1")" && cat > "$1" && '
             '{ [ "$(id -u)" != 0 ] || chown 0:0 -- "$1"; } && chmod "$2" -- "$1"'
         )
         tool(self.client, script, [path, f"{mode & 0o7777:o}"], data)
@@ -254,7 +297,7 @@ class StockAgent:
         )
         try:
             lines = tool(self.client, script, [path]).decode().split("\n")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # missing, as pathlib says
             return None
 
         def record(line: str) -> dict[str, int]:
@@ -281,11 +324,11 @@ class StockAgent:
         found = self.stat(dest)
         into_dir = found is not None and _is_dir((found["stat"] or found["lstat"])["mode"])
         if is_tree or into_dir:
-            tool(self.client, f'mkdir -p -- "$1" && {untar}', [dest], archive)
+            tool(self.client, f'{MKDIRS}pti_mkdirs "$1" && {untar}', [dest], archive)
             return
         parent = posixpath.dirname(dest) or "/"
         data = _renamed(archive, posixpath.basename(dest))
-        script = f'mkdir -p -- "$1" && rm -f -- "$2" && {untar}'
+        script = f'{MKDIRS}pti_mkdirs "$1" && rm -f -- "$2" && {untar}'
         tool(self.client, script, [parent, dest], data)
 
     def get_archive(self, path: str) -> bytes:

@@ -544,7 +544,7 @@ class VirtualMachine:
 
     def wait(self, timeout: float | None) -> int:
         """Not for VMs: their init runs until the VM stops."""
-        raise IncusError(
+        raise ConfigError(
             f"VM {self.name}: wait() is for kind='app' instances; a VM runs until it is "
             "stopped (use stop())"
         )
