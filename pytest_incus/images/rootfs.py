@@ -1,5 +1,5 @@
 """Looking into a cached root filesystem from the host: paths resolved inside it, and whether
-its init can run at all.
+its init was damaged (cut short) in the cache.
 
 Everything here reads the image's files as files of the image: a symlink is followed inside
 the rootfs (an absolute target starts again at the rootfs, never at the host's ``/``).
@@ -74,22 +74,22 @@ def _elf_problem(head: bytes, size: int, read_at: Path) -> str | None:
     return None
 
 
-def init_problem(rootfs: Path) -> str | None:
-    """Why the ``/sbin/init`` of ``rootfs`` cannot run (missing, empty, truncated, neither a
-    program nor a script), or None if it looks whole. Reads a few hundred bytes."""
+def init_damage(rootfs: Path) -> str | None:
+    """How the ``/sbin/init`` of ``rootfs`` was cut short (an empty file, or an ELF program
+    whose headers or loaded segments reach past its end: what a full disk or a killed copy
+    leaves), or None. A missing init, or one that is no program, is the image's own doing, not
+    damage: its start says so. Reads a few hundred bytes."""
     target = inside(rootfs, "/sbin/init")
     if target is None or not target.is_file():
-        return "/sbin/init is missing (or leads nowhere)"
+        return None
     where = "/" + str(target.relative_to(rootfs))
     named = "/sbin/init" if where == "/sbin/init" else f"/sbin/init ({where})"
     size = target.stat().st_size
-    with open(target, "rb") as f:
-        head = f.read(64)
-    if head.startswith(b"#!"):
-        return None
-    if head.startswith(b"\x7fELF"):
-        problem = _elf_problem(head, size, target)
-        return None if problem is None else f"{named} is {problem}"
     if size == 0:
         return f"{named} is empty"
-    return f"{named} is neither an ELF program nor a script"
+    with open(target, "rb") as f:
+        head = f.read(64)
+    if not head.startswith(b"\x7fELF"):
+        return None
+    problem = _elf_problem(head, size, target)
+    return None if problem is None else f"{named} is {problem}"

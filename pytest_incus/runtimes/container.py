@@ -164,7 +164,7 @@ class ContainerRuntime:
             raise InstanceStartError(reason)
         image = images.get(spec.image, "container")
         lower = image if spec.privileged else images.shifted(image, ID_BASE)
-        if problem := rootfs.init_problem(lower.rootfs):
+        if problem := rootfs.init_damage(lower.rootfs):
             # a copy cut short (a full disk, a killed build) boots as "Exec format error"
             raise InstanceStartError(
                 f"container {name}: the cached image {image.ref} looks corrupt: {problem} in "

@@ -1,4 +1,4 @@
-"""Whether a cached rootfs's /sbin/init can run: what a damaged image is told apart by."""
+"""Whether a cached rootfs's /sbin/init was cut short: what a damaged image is told apart by."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pytest_incus.images.busybox import host_busybox
-from pytest_incus.images.rootfs import init_problem
+from pytest_incus.images.rootfs import init_damage
 
 
 @pytest.fixture
@@ -21,11 +21,11 @@ def rootfs(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_a_whole_program_or_a_script_is_fine(rootfs: Path) -> None:
-    assert init_problem(rootfs) is None
+def test_a_whole_program_or_a_script_is_not_damaged(rootfs: Path) -> None:
+    assert init_damage(rootfs) is None
     (rootfs / "sbin" / "init").unlink()
     (rootfs / "sbin" / "init").write_text("#!/bin/sh\nexec /bin/busybox init\n")
-    assert init_problem(rootfs) is None
+    assert init_damage(rootfs) is None
 
 
 @pytest.mark.parametrize(
@@ -39,15 +39,14 @@ def test_a_whole_program_or_a_script_is_fine(rootfs: Path) -> None:
 def test_a_program_cut_short(rootfs: Path, keep: int, said: str) -> None:
     program = rootfs / "bin" / "busybox"
     program.write_bytes(program.read_bytes()[:keep])
-    problem = init_problem(rootfs)
+    problem = init_damage(rootfs)
     assert problem is not None
     assert re.match(said, problem), problem
 
 
-def test_no_init_or_something_else(rootfs: Path) -> None:
+def test_no_init_or_no_program_is_the_image_s_doing_not_damage(rootfs: Path) -> None:
+    # the start reports these (liblxc: 'Failed to exec "/sbin/init"'); pruning would not help
     (rootfs / "bin" / "busybox").write_bytes(b"MZ this is no program for Linux")
-    assert (
-        init_problem(rootfs) == "/sbin/init (/bin/busybox) is neither an ELF program nor a script"
-    )
+    assert init_damage(rootfs) is None
     (rootfs / "bin" / "busybox").unlink()
-    assert init_problem(rootfs) == "/sbin/init is missing (or leads nowhere)"
+    assert init_damage(rootfs) is None
