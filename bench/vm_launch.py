@@ -48,9 +48,9 @@ from pytest_incus.images import vm as vm_images
 from pytest_incus.images.store import ImageStore
 from pytest_incus.ownership import Owner, process_start_time
 from pytest_incus.runtimes import accel, qemu, vm
-from pytest_incus.runtimes.protocol import ExecRequest
 from pytest_incus.settings import Settings, default_cache_dir
 from pytest_incus.spec import InstanceSpec
+from pytest_incus.values import ExecRequest
 
 IMAGE = "debian/12"
 TRUE = ExecRequest(("true",), {}, None, None, None, 30.0)

@@ -32,10 +32,11 @@ EXTENSIONS = (
 NO_REPLY = {"guest-shutdown"}  # as qemu-ga: success sends nothing (the guest goes away)
 
 
-def _error(desc: str, errno: int | None = None) -> dict[str, Any]:
+def _error(desc: str, errno: int | None = None, **details: Any) -> dict[str, Any]:
     error: dict[str, Any] = {"class": "GenericError", "desc": desc}
     if errno is not None:
         error["errno"] = errno
+    error.update(details)
     return {"error": error}
 
 
@@ -104,11 +105,13 @@ class Agent:
         try:
             result = handler(args)
         except CommandError as exc:
-            return _error(exc.desc, exc.errno)
+            return _error(exc.desc, **exc.details())
         except KeyError as exc:
             return _error(f"{name}: missing argument {exc}")
         except OSError as exc:
             desc = "{}: {}".format(exc.strerror or exc, exc.filename or "")
+            if isinstance(exc.filename, str):  # the path refused: not always the request's
+                return _error(desc, exc.errno, path=exc.filename)
             return _error(desc, exc.errno)
         except (TypeError, ValueError) as exc:
             return _error(f"{name}: bad arguments: {exc}")

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -74,7 +75,7 @@ def lookup_user(user: str | int | None) -> User:
         pass
     if isinstance(wanted, int):
         return User(str(wanted), wanted, wanted, "/", "/bin/sh")
-    raise CommandError(f"no user {wanted!r} in /etc/passwd")
+    raise CommandError(f"no user {wanted!r} in /etc/passwd", user=str(wanted))
 
 
 def _groups_of(name: str, gid: int) -> list[int]:
@@ -91,11 +92,18 @@ def _groups_of(name: str, gid: int) -> list[int]:
 
 
 def working_dir(user: User, cwd: str | None) -> str:
-    """``cwd``, or the user's home (``/`` if it has none); CommandError if missing."""
+    """``cwd``, or the user's home (``/`` if it has none); CommandError with the errno that
+    chdir would give (ENOENT, ENOTDIR) if ``cwd`` is not a directory."""
     if cwd is not None:
-        if not os.path.isdir(cwd):
-            raise CommandError(f"cannot enter cwd {cwd!r}: no such directory")
-        return cwd
+        try:
+            is_dir = stat.S_ISDIR(os.stat(cwd).st_mode)
+        except OSError as exc:
+            code = exc.errno or errno.ENOENT
+        else:
+            if is_dir:
+                return cwd
+            code = errno.ENOTDIR
+        raise CommandError(f"cannot enter cwd {cwd!r}: {os.strerror(code)}", code, path=cwd)
     return user.home if os.path.isdir(user.home) else "/"
 
 

@@ -7,6 +7,7 @@ file operation means the same in every kind of instance."""
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import stat
 
@@ -116,8 +117,16 @@ class Handles:
 
 
 def _makedirs(path: str) -> None:
-    if path and not os.path.isdir(path):
-        os.makedirs(path, mode=0o755, exist_ok=True)
+    """Make directory ``path`` and its missing parents; NotADirectoryError naming what is in
+    the way when ``path`` or one of its parents is not a directory (a file, a dangling link)."""
+    if not path or os.path.isdir(path):
+        return
+    existing = path
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing) or "."
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+    os.makedirs(path, mode=0o755, exist_ok=True)
 
 
 def read_bytes(path: str) -> bytes:

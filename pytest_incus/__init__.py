@@ -8,14 +8,17 @@ from pytest_incus.errors import (
     ImageError,
     IncusError,
     InstanceStartError,
+    NotRunningError,
     UnavailableError,
+    UnknownUserError,
+    WaitTimeoutError,
 )
 from pytest_incus.factory import InstanceFactory
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.instance import FileInfo, Instance
-from pytest_incus.runtimes.protocol import ExecResult, InstanceState
 from pytest_incus.settings import Settings
 from pytest_incus.spec import InstanceSpec
+from pytest_incus.values import ExecResult, InstanceState
 
 __all__ = [
     "AgentError",
@@ -33,6 +36,9 @@ __all__ = [
     "InstanceSpec",
     "InstanceStartError",
     "InstanceState",
+    "NotRunningError",
     "Settings",
     "UnavailableError",
+    "UnknownUserError",
+    "WaitTimeoutError",
 ]

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from pytest_incus import fsutil, registry
-from pytest_incus.errors import ConfigError, IncusError, UnavailableError
+from pytest_incus.errors import ConfigError, IncusError, InstanceStartError, UnavailableError
 from pytest_incus.images.store import ImageStore
 from pytest_incus.instance import Instance
 from pytest_incus.ownership import Owner
@@ -20,12 +20,10 @@ from pytest_incus.spec import InstanceSpec
 log = logging.getLogger("pytest_incus")
 
 
-def check_spec(spec: InstanceSpec, *, where: str) -> None:
+def check_spec(spec: InstanceSpec, *, where: str, images: ImageStore) -> None:
     """Everything knowable before launch: image name and kind-specific options."""
-    from pytest_incus.images.ref import parse_ref
-
     try:
-        parse_ref(spec.image)
+        images.check(spec.image)
         get_runtime(spec.kind).check(spec)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
@@ -65,7 +63,7 @@ class InstanceFactory:
             options,
             where="launch()",
         )
-        check_spec(spec, where="launch()")
+        check_spec(spec, where="launch()", images=self.images)
         return self.launch_spec(spec)
 
     def launch_spec(self, spec: InstanceSpec) -> Instance:
@@ -88,8 +86,14 @@ class InstanceFactory:
         try:
             machine = runtime.create(spec, name, directory, self.images)
             machine.start()
-        except BaseException:
+        except BaseException as exc:
             registry.remove_instance(self.settings, name, spec.kind)
+            if isinstance(exc, OSError):  # of the host's files: the instance's own are inside
+                raise InstanceStartError(
+                    f"{spec.kind} {name} (image {spec.image}): preparing it on the host failed: "
+                    f"{exc}; check the free space and the permissions of {directory.parent}",
+                    exc=exc,
+                ) from exc
             raise
         instance = Instance(
             machine,

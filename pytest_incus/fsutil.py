@@ -7,9 +7,12 @@ import ctypes
 import ctypes.util
 import json
 import os
-import subprocess
+import stat as stat_module
 from pathlib import Path
 from typing import Any
+
+from pytest_incus import tools
+from pytest_incus.errors import IncusError
 
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -37,7 +40,11 @@ def unmount_below(path: Path) -> None:
     for point in mounts_below(path):
         if _libc.umount2(str(point).encode(), _MNT_DETACH) != 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"cannot unmount {point}: {os.strerror(err)}")
+            raise IncusError(
+                f"cannot unmount {point} (to remove {path}): {os.strerror(err)}; unmount it by "
+                f"hand (umount -l {point}), then remove {path}",
+                exc=OSError(err, os.strerror(err), str(point)),
+            )
 
 
 def remove_tree(path: Path) -> None:
@@ -49,8 +56,11 @@ def remove_tree(path: Path) -> None:
     if not path.exists() and not path.is_symlink():
         return
     unmount_below(path)
-    subprocess.run(
-        ["rm", "-rf", "--one-file-system", "--", str(path)], check=True, stdin=subprocess.DEVNULL
+    tools.run(
+        ["rm", "-rf", "--one-file-system", "--", str(path)],
+        what=f"rm -rf --one-file-system {path}",
+        error=IncusError,
+        fix=f"look for a mount below it (findmnt -R {path}), unmount it and remove it by hand",
     )
 
 
@@ -70,6 +80,28 @@ def read_json(path: Path) -> Any:
     """The JSON in ``path``, or None when it is missing or unreadable (a partial write)."""
     with contextlib.suppress(OSError, ValueError):
         return json.loads(path.read_text())
+    return None
+
+
+def unsearchable(path: Path, uid: int, gid: int) -> tuple[Path, os.stat_result] | None:
+    """The first directory on the way to ``path`` (from ``/``, ``path`` itself included if it
+    is a directory) that the user ``uid``/``gid`` may not enter (no search permission by its
+    mode bits, for a user without capabilities on the host), with its stat; None if none."""
+    for directory in [*reversed(path.parents), path]:
+        try:
+            st = directory.stat()
+        except OSError:
+            return None  # not made yet: what exists of the way was checked
+        if not stat_module.S_ISDIR(st.st_mode):
+            return None
+        if st.st_uid == uid:
+            allowed = st.st_mode & stat_module.S_IXUSR
+        elif st.st_gid == gid:
+            allowed = st.st_mode & stat_module.S_IXGRP
+        else:
+            allowed = st.st_mode & stat_module.S_IXOTH
+        if not allowed:
+            return directory, st
     return None
 
 

@@ -7,19 +7,22 @@ is done by the instance's ``Machine``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import math
 import os
 import stat as stat_module
 import tarfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from pytest_incus.errors import ExecError
-from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, InstanceState, Machine, Stat
+from pytest_incus.errors import ConfigError, ExecError, IncusError, NotRunningError
+from pytest_incus.runtimes.protocol import Machine
 from pytest_incus.spec import InstanceSpec
+from pytest_incus.values import ExecRequest, ExecResult, InstanceState, Stat
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ class FileInfo:
     def sha256(self) -> str:
         """Hex sha256 of the content."""
         self._followed()
-        return self._instance.machine.sha256(self.path)
+        with self._instance._running(f"file({self.path!r}).sha256"):
+            return self._instance.machine.sha256(self.path)
 
     def contains(self, text: str | bytes) -> bool:
         """True if the content contains ``text``."""
@@ -196,24 +200,21 @@ class Instance:
         ``cwd`` defaults to the user's home; ``user`` (name or uid) to root. ``timeout``
         defaults to ``incus_exec_timeout`` (0: none); past it the command and everything it
         started are killed and ExecTimeoutError is raised. ``check=True`` raises ExecError on a
-        non-zero exit.
+        non-zero exit. A cwd that is not a directory raises the OSError chdir gives (carrying
+        the cwd), a user the instance lacks UnknownUserError, a wrong argument ConfigError.
         """
-        if isinstance(cmd, str):
-            argv: tuple[str, ...] = ("/bin/sh", "-c", cmd)
-        else:
-            argv = tuple(cmd)
-            if not argv or not all(isinstance(a, str) for a in argv):
-                raise TypeError(f"cmd must be a str or a non-empty sequence of str, got {cmd!r}")
-        limit = self._exec_timeout if timeout is None else timeout
+        __tracebackhide__ = True
+        asked = f"exec({cmd!r})"
         request = ExecRequest(
-            argv=argv,
-            env={**self.spec.env, **(env or {})},
-            cwd=cwd,
-            user=user,
-            input=input.encode() if isinstance(input, str) else input,
-            timeout=limit if limit and limit > 0 else None,
+            argv=_argv(asked, cmd),
+            env={**self.spec.env, **_env(asked, env)},
+            cwd=_optional(asked, "cwd", cwd, str, "a directory inside the instance"),
+            user=_user(asked, user),
+            input=_input(asked, input),
+            timeout=_limit(asked, self._exec_timeout if timeout is None else timeout),
         )
-        result = self.machine.exec(request)
+        with self._running(asked):
+            result = self.machine.exec(request)
         if check and not result.ok:
             raise ExecError(
                 f"{cmd!r} in {self.name} exited with {result.exit_code}; stderr:\n"
@@ -225,6 +226,34 @@ class Instance:
                 duration=result.duration,
             )
         return result
+
+    @contextlib.contextmanager
+    def _running(self, asked: str) -> Iterator[None]:
+        """Run the block on the machine, which must be running: NotRunningError, the same on
+        every kind, for an instance stopped or deleted, before the block or (stopped by
+        itself) when the block failed for it."""
+        __tracebackhide__ = True
+        if self._state is InstanceState.DELETED:
+            raise NotRunningError(
+                f"{asked}: {self.kind} {self.name} was deleted; launch a new instance"
+            )
+        if self._state is InstanceState.STOPPED:
+            raise NotRunningError(
+                f"{asked}: {self.kind} {self.name} is stopped (not running); start() it first"
+            )
+        try:
+            yield
+        except IncusError as exc:
+            # a machine that stopped by itself fails in its own way (no exec server to
+            # attach, no agent to talk to): say what happened, as for a stop()
+            if isinstance(exc, NotRunningError) or self.machine.running():
+                raise
+            self._state = InstanceState.STOPPED
+            raise NotRunningError(
+                f"{asked}: {self.kind} {self.name} is stopped (not running: it stopped by "
+                "itself, see logs()); start() it again",
+                exc=exc,
+            ) from exc
 
     # -- files -----------------------------------------------------------------------------
 
@@ -239,6 +268,10 @@ class Instance:
         symlinks stay links, everything belongs to root inside; ``mode`` sets the mode of the
         file (of every file, for a tree).
         """
+        __tracebackhide__ = True
+        asked = f"push({str(local_path)!r}, {remote_path!r})"
+        _path(asked, remote_path)
+        mode = _optional(asked, "mode", mode, int, "permission bits such as 0o644")
         local = Path(local_path)
         if not local.exists() and not local.is_symlink():
             raise FileNotFoundError(2, "no such local file to push", str(local))
@@ -246,7 +279,8 @@ class Instance:
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             tar.add(local, arcname="." if is_tree else local.name, filter=_tar_filter(mode))
-        self.machine.put_archive(buffer.getvalue(), remote_path, is_tree)
+        with self._running(asked):
+            self.machine.put_archive(buffer.getvalue(), remote_path, is_tree)
 
     @_uses
     def pull(self, remote_path: str, local_path: str | os.PathLike[str]) -> None:
@@ -255,8 +289,12 @@ class Instance:
         A file becomes ``local_path`` (or goes into it, if it is a directory); a directory
         becomes ``local_path`` (merged into it if it exists). Missing parents are created.
         """
+        __tracebackhide__ = True
+        asked = f"pull({remote_path!r}, {str(local_path)!r})"
+        _path(asked, remote_path)
         local = Path(local_path)
-        archive = self.machine.get_archive(remote_path)
+        with self._running(asked):
+            archive = self.machine.get_archive(remote_path)
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r") as tar:
             members = tar.getmembers()
             is_tree = bool(members) and members[0].name == "." and members[0].isdir()
@@ -274,12 +312,22 @@ class Instance:
     @_uses
     def write_file(self, path: str, data: str | bytes, *, mode: int = 0o644) -> None:
         """Create or replace the file ``path`` inside (parents created), owned by root."""
-        self.machine.write_file(path, data.encode() if isinstance(data, str) else data, mode)
+        __tracebackhide__ = True
+        asked = f"write_file({path!r})"
+        _path(asked, path)
+        raw = _input(asked, data, "data")
+        bits = _optional(asked, "mode", mode, int, "permission bits such as 0o644")
+        with self._running(asked):
+            self.machine.write_file(path, raw or b"", 0o644 if bits is None else bits)
 
     @_uses
     def read_file(self, path: str) -> bytes:
         """The content of the file ``path`` inside."""
-        return self.machine.read_file(path)
+        __tracebackhide__ = True
+        asked = f"read_file({path!r})"
+        _path(asked, path)
+        with self._running(asked):
+            return self.machine.read_file(path)
 
     def read_text(self, path: str) -> str:
         """The content of the file ``path`` inside, as UTF-8 text."""
@@ -288,15 +336,23 @@ class Instance:
     @_uses
     def file(self, path: str) -> FileInfo:
         """What is at ``path`` inside: ``exists``, ``is_file``, ``mode``, ``sha256``, ..."""
-        return FileInfo(path, self, self.machine.stat(path))
+        __tracebackhide__ = True
+        asked = f"file({path!r})"
+        _path(asked, path)
+        with self._running(asked):
+            return FileInfo(path, self, self.machine.stat(path))
 
     # -- life cycle ------------------------------------------------------------------------
 
     @_uses
     def start(self) -> None:
         """Start a stopped instance and wait until it is ready."""
+        __tracebackhide__ = True
         if self._state is InstanceState.DELETED:
-            raise RuntimeError(f"{self.name} was deleted")
+            raise NotRunningError(
+                f"start(): {self.kind} {self.name} was deleted and cannot start again; "
+                "launch a new instance"
+            )
         if not self.machine.running():
             self.machine.start()
         self._state = InstanceState.RUNNING
@@ -304,6 +360,8 @@ class Instance:
     @_uses
     def stop(self, timeout: float = 30, force: bool = False) -> None:
         """Shut down cleanly within ``timeout`` seconds (then kill), or kill with ``force``."""
+        __tracebackhide__ = True
+        _limit(f"stop(timeout={timeout!r})", timeout)
         if self._state is InstanceState.DELETED:
             return
         self.machine.stop(timeout, force)
@@ -329,8 +387,86 @@ class Instance:
     @_uses
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the app's main process to end (kind="app") and return its exit code;
-        TimeoutError past ``timeout`` seconds."""
+        WaitTimeoutError (a TimeoutError) past ``timeout`` seconds, ConfigError for other
+        kinds."""
+        __tracebackhide__ = True
+        if timeout is not None:
+            _limit(f"wait(timeout={timeout!r})", timeout)
         return self.machine.wait(timeout)
+
+
+# -- arguments: a wrong one is a ConfigError, the same on every kind ----------------------------
+
+
+def _wrong(asked: str, name: str, value: object, should: str) -> ConfigError:
+    return ConfigError(f"{asked}: {name}={value!r} is not {should}")
+
+
+def _argv(asked: str, cmd: object) -> tuple[str, ...]:
+    if isinstance(cmd, str):
+        return ("/bin/sh", "-c", cmd)
+    if (
+        isinstance(cmd, Sequence)
+        and not isinstance(cmd, bytes)
+        and cmd
+        and all(isinstance(arg, str) for arg in cmd)
+    ):
+        return tuple(cmd)
+    raise _wrong(asked, "cmd", cmd, "a str (run by /bin/sh -c) or a non-empty list of str")
+
+
+def _env(asked: str, env: object) -> dict[str, str]:
+    if env is None:
+        return {}
+    if isinstance(env, Mapping) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        return dict(env)
+    raise _wrong(asked, "env", env, "a dict of str to str")
+
+
+def _optional(asked: str, name: str, value: Any, kind: type, should: str) -> Any:
+    if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+        return value
+    raise _wrong(asked, name, value, f"{should} (a {kind.__name__})")
+
+
+def _path(asked: str, path: object) -> None:
+    if not isinstance(path, str) or not path:
+        raise _wrong(asked, "path", path, "a path inside the instance (a non-empty str)")
+
+
+def _user(asked: str, user: object) -> str | int | None:
+    if user is None or (isinstance(user, str) and user):
+        return user
+    if isinstance(user, int) and not isinstance(user, bool) and user >= 0:
+        return user
+    raise _wrong(asked, "user", user, "a user name or a uid (an int, 0 or more)")
+
+
+def _input(asked: str, data: object, name: str = "input") -> bytes | None:
+    if (data is None and name == "input") or isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise _wrong(asked, name, data, "a str or bytes")
+
+
+def _limit(asked: str, timeout: object) -> float | None:
+    """Seconds of a timeout (0 for no limit): None for no limit; ConfigError for a value that
+    is no number of seconds (negative, NaN, not a number)."""
+    if (
+        isinstance(timeout, (int, float))
+        and not isinstance(timeout, bool)
+        and not math.isnan(timeout)
+        and timeout >= 0
+    ):
+        return float(timeout) if 0 < timeout < math.inf else None
+    raise ConfigError(
+        f"{asked}: timeout={timeout!r} is not a number of seconds; give 0 or more (0 for no limit)"
+    )
 
 
 def _host_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:

@@ -177,6 +177,7 @@ def pytest_configure(config: pytest.Config) -> None:
         build_hook=lambda ref, rootfs: config.hook.pytest_incus_build_image(
             config=config, ref=ref, rootfs=rootfs
         ),
+        hook_implemented=lambda: bool(config.hook.pytest_incus_build_image.get_hookimpls()),
     )
     config.stash[STORE] = store
     config.stash[FACTORY] = InstanceFactory(
@@ -250,7 +251,7 @@ def spec_for(node: Any, settings: Settings, target: tuple[str, str] | None) -> I
     pairs, options, _ = marker_targets(node, settings)
     kind, image = target or pairs[0]
     spec = InstanceSpec.parse(kind, image, options, where=node.nodeid)
-    check_spec(spec, where=node.nodeid)
+    check_spec(spec, where=node.nodeid, images=node.config.stash[STORE])
     return spec
 
 

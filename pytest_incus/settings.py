@@ -48,12 +48,22 @@ class Settings:
                 f"cache directory {path!r} must be an absolute path without spaces, ':' or ','"
                 " (LXC configuration cannot express them); choose another --incus-cache-dir"
             )
+        if not self.exec_timeout >= 0:  # NaN too
+            raise ConfigError(
+                f"incus_exec_timeout = {self.exec_timeout:g} is not a number of seconds; give 0 "
+                "or more (0 for no limit)"
+            )
         if self.keep not in KEEP_CHOICES:
             raise ConfigError(f"--incus-keep={self.keep!r}; use one of {', '.join(KEEP_CHOICES)}")
         if self.accel not in ACCEL_CHOICES:
             raise ConfigError(
                 f"--incus-accel={self.accel!r}; use one of {', '.join(ACCEL_CHOICES)}"
             )
+
+    def command(self, args: str) -> str:
+        """The ``pytest-incus`` command line that runs ``args`` on this cache directory."""
+        cache = "" if self.cache_dir == default_cache_dir() else f"--cache-dir {self.cache_dir} "
+        return f"pytest-incus {cache}{args}"
 
     @property
     def images_dir(self) -> Path:

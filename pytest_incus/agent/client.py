@@ -2,19 +2,19 @@
 
 ``AgentClient`` talks to whatever agent answers on the VM's ``org.qemu.guest_agent.0`` port
 (QEMU's chardev socket ``qga.sock``): our ``guest_agent`` or Debian's stock ``qemu-ga``. It asks
-``guest-info`` which commands exist and uses our ``pti-*`` extensions when it finds them (one
-round trip per exec or file operation); with a stock agent it does the same through
-``guest-exec`` and the guest's shell tools (``fallback.py``).
+``guest-info`` which commands exist and chooses its ``Peer`` once (``peer.py``): our ``pti-*``
+extensions when it finds them (one round trip per exec or file operation, ``extensions.py``),
+else the same done through ``guest-exec`` and the guest's shell tools (``fallback.py``).
 
 One request at a time goes over the socket (a lock); a reply that never came (a timeout)
 leaves the stream out of step, so the next request first resynchronises with
 ``guest-sync-delimited``. Protocol errors become ``AgentError`` or, for file operations that
-failed in the guest's filesystem, the matching ``OSError`` (``_raise_error``).
+failed in the guest's filesystem, the matching ``OSError``, and for a command that could not
+start (a missing cwd, an unknown user) the error every kind raises for it (``_raise_error``).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pytest_incus.agent import fallback
-from pytest_incus.errors import AgentError, ExecTimeoutError
-from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, Stat
+from pytest_incus.agent import extensions, fallback
+from pytest_incus.agent.peer import Peer
+from pytest_incus.errors import AgentError, ExecTimeoutError, setup_error
+from pytest_incus.values import ExecRequest, ExecResult, Stat
 
 log = logging.getLogger("pytest_incus")
 
@@ -36,7 +37,6 @@ CONNECT_RETRY = 0.01  # seconds between attempts while QEMU's socket does not ex
 SYNC_RETRY = 0.25  # seconds before a guest-sync that got no answer is sent again
 REPLY_TIMEOUT = 300.0  # seconds for any reply but exec's (big files under TCG are slow)
 MAX_REPLY = 256 << 20  # bytes of one reply line
-EXEC_GRACE = 30.0  # seconds past an exec's own timeout before we stop waiting for the agent
 
 
 class AgentClient:
@@ -53,6 +53,8 @@ class AgentClient:
         self._lock = threading.RLock()
         self._stale = False
         self._commands: dict[str, bool] = {}
+        # until connect() has asked guest-info: what every agent offers
+        self._peer: Peer = fallback.StockAgent(self)
 
     # -- connection --------------------------------------------------------------------------
 
@@ -83,6 +85,8 @@ class AgentClient:
                 for c in info["supported_commands"]
                 if self.extensions or not c["name"].startswith("pti-")
             }
+            ours = all(self.has(command) for command in extensions.COMMANDS)
+            self._peer = extensions.Extensions(self) if ours else fallback.StockAgent(self)
 
     def _open(self, deadline: float | None = None) -> None:
         if self._sock is not None:
@@ -90,9 +94,13 @@ class AgentClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(self.socket_path))
-        except OSError:
+        except OSError as exc:  # a host path: never to be taken for one in the guest
             sock.close()
-            raise
+            raise AgentError(
+                f"{self.name}: cannot connect to the guest agent's socket {self.socket_path} "
+                f"({exc.strerror}); did the VM stop?",
+                exc=exc,
+            ) from exc
         self._sock = sock
         self._buffer.clear()
 
@@ -230,7 +238,7 @@ class AgentClient:
                 f"{self.name}: the guest agent did not answer {command} in time"
             ) from None
         if "error" in reply:
-            _raise_error(self.name, command, reply["error"], path)
+            _raise_error(self.name, command, arguments, reply["error"], path)
         return reply.get("return")
 
     def has(self, command: str) -> bool:
@@ -240,7 +248,7 @@ class AgentClient:
     @property
     def extended(self) -> bool:
         """True when the agent is ours (it offers the ``pti-*`` extensions)."""
-        return self.has("pti-exec")
+        return self._peer.extended
 
     def info(self) -> dict[str, Any]:
         """What guest-info says: version and supported commands."""
@@ -258,9 +266,7 @@ class AgentClient:
     def add_entropy(self, data: bytes) -> None:
         """pti-add-entropy (our agent only): credit ``data`` to the guest kernel's random pool
         and reseed it, so a guest restored from a snapshot stops sharing its random state."""
-        if not self.extended:
-            raise AgentError(f"{self.name}: only the pytest-incus agent has pti-add-entropy")
-        self.request("pti-add-entropy", {"data": base64.b64encode(data).decode()})
+        self._peer.add_entropy(data)
 
     def shutdown(self, mode: str = "powerdown") -> None:
         """Ask the guest to power down, reboot or halt. A successful guest-shutdown sends
@@ -281,10 +287,7 @@ class AgentClient:
     def exec(self, request: ExecRequest) -> ExecResult:
         """Run a command in the guest; ExecTimeoutError after killing its tree past timeout."""
         started = time.monotonic()
-        if self.extended:
-            code, out, err, timed_out = self._pti_exec(request)
-        else:
-            code, out, err, timed_out = fallback.run(self, request)
+        code, out, err, timed_out = self._peer.run(request)
         duration = time.monotonic() - started
         if timed_out:
             raise ExecTimeoutError(
@@ -299,100 +302,65 @@ class AgentClient:
             )
         return ExecResult(code, out, err, duration)
 
-    def _pti_exec(self, request: ExecRequest) -> tuple[int, bytes, bytes, bool]:
-        arguments: dict[str, Any] = {
-            "argv": list(request.argv),
-            "env": dict(request.env),
-            "cwd": request.cwd,
-            "user": request.user,
-            "timeout": request.timeout,
-        }
-        if request.input:
-            arguments["input-data"] = _b64(request.input)
-        wait = None if request.timeout is None else request.timeout + EXEC_GRACE
-        reply = self.request("pti-exec", arguments, timeout=wait)
-        return (
-            int(reply["exitcode"]),
-            base64.b64decode(reply["out-data"]),
-            base64.b64decode(reply["err-data"]),
-            bool(reply["timed-out"]),
-        )
-
     def read_file(self, path: str) -> bytes:
         """The content of ``path`` in the guest (symlinks followed)."""
-        if self.has("pti-read-file"):
-            reply = self.request("pti-read-file", {"path": path}, path=path)
-            return base64.b64decode(reply["data"])
-        return fallback.read_file(self, path)
+        return self._peer.read_file(path)
 
     def write_file(self, path: str, data: bytes, mode: int) -> None:
         """Create or replace ``path`` (parents created), owned by root."""
-        if self.has("pti-write-file"):
-            arguments = {"path": path, "data": _b64(data), "mode": mode}
-            self.request("pti-write-file", arguments, path=path)
-        else:
-            fallback.write_file(self, path, data, mode)
+        self._peer.write_file(path, data, mode)
 
     def stat(self, path: str) -> tuple[Stat, Stat] | None:
         """(lstat, stat) of ``path``; stat is the lstat for a dangling link; None if missing."""
-        if self.has("pti-stat"):
-            try:
-                raw = self.request("pti-stat", {"path": path}, path=path)
-            except FileNotFoundError:
-                return None
-        else:
-            raw = fallback.stat(self, path)
-            if raw is None:
-                return None
+        raw = self._peer.stat(path)
+        if raw is None:
+            return None
         lst = Stat(is_symlink=stat_module.S_ISLNK(raw["lstat"]["mode"]), **raw["lstat"])
         st = lst if raw["stat"] is None else Stat(is_symlink=False, **raw["stat"])
         return lst, st
 
     def sha256(self, path: str) -> str:
         """The hex sha256 of the file at ``path``."""
-        if self.has("pti-sha256"):
-            return str(self.request("pti-sha256", {"path": path}, path=path)["sha256"])
-        return fallback.sha256(self, path)
+        return self._peer.sha256(path)
 
     def put_archive(self, archive: bytes, dest: str, is_tree: bool) -> None:
         """Unpack a tar made by ``Instance.push`` at ``dest`` (see ``Machine.put_archive``)."""
-        if self.has("pti-put"):
-            arguments = {"dest": dest, "tree": is_tree, "data": _b64(archive)}
-            self.request("pti-put", arguments, path=dest)
-        else:
-            fallback.put_archive(self, archive, dest, is_tree)
+        self._peer.put_archive(archive, dest, is_tree)
 
     def get_archive(self, path: str) -> bytes:
         """A tar of ``path``: a directory as ``.`` with its contents, else one member."""
-        if self.has("pti-get"):
-            return base64.b64decode(self.request("pti-get", {"path": path}, path=path)["data"])
-        return fallback.get_archive(self, path)
+        return self._peer.get_archive(path)
 
     def remove(self, path: str) -> None:
         """Remove ``path`` in the guest (a tree too); nothing if it does not exist."""
-        if self.has("pti-remove"):
-            self.request("pti-remove", {"path": path}, path=path)
-        else:
-            fallback.remove(self, path)
+        self._peer.remove(path)
 
 
 def _encode(command: str, arguments: dict[str, Any]) -> bytes:
     return json.dumps({"execute": command, "arguments": arguments}).encode()
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _raise_error(name: str, command: str, error: Any, path: str | None) -> NoReturn:
-    """The one place where the agent's error replies become exceptions."""
-    desc = str(error.get("desc", error)) if isinstance(error, dict) else str(error)
-    code = error.get("errno") if isinstance(error, dict) else None
+def _raise_error(
+    name: str, command: str, arguments: dict[str, Any], error: Any, path: str | None
+) -> NoReturn:
+    """The one place where the agent's error replies become exceptions: for a request about
+    ``path`` that the guest's filesystem refused, the matching OSError (of the path the reply
+    names, else ``path``); for an exec that could not start, what ``setup_error`` says;
+    AgentError otherwise."""
+    info = error if isinstance(error, dict) else {}
+    desc = str(info.get("desc", error))
+    code = info.get("errno")
+    if "argv" in arguments and (
+        found := setup_error(
+            name, arguments["argv"], errno=code, path=info.get("path"), user=info.get("user")
+        )
+    ):
+        raise found
     if path is not None:
         if not isinstance(code, int):
             code = fallback.errno_from_text(desc)
         if code is not None:
-            raise OSError(code, os.strerror(code), path)
+            raise OSError(code, os.strerror(code), info.get("path") or path)
     if "has been disabled" in desc or "has not been found" in desc:
         raise AgentError(
             f"{name}: the guest agent cannot run {command}: {desc} (a stock qemu-ga lacks our "

@@ -17,13 +17,14 @@ import errno
 import io
 import os
 import posixpath
+import re
 import tarfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pytest_incus.errors import AgentError
-from pytest_incus.runtimes.protocol import ExecRequest
+from pytest_incus.errors import AgentError, setup_error
+from pytest_incus.values import ExecRequest
 
 if TYPE_CHECKING:
     from pytest_incus.agent.client import AgentClient
@@ -33,7 +34,8 @@ POLL_FIRST = 0.001  # seconds before the first guest-exec-status; doubles up to 
 POLL_MAX = 0.05
 KILL_GRACE = 10.0  # seconds past the timeout for `timeout` to have killed the command
 SETUP_FAILED = 125  # with SETUP_MARK on stdout: the wrapper could not prepare the command
-SETUP_MARK = "pti-setup-error:"
+SETUP_MARK = "pti-setup-error:"  # then "cwd ERRNO" or "user", a newline and the cwd or user
+OSERROR_MARK = re.compile(r"^pti-oserror:(\d+):(.*)$", re.MULTILINE)  # errno, path
 _STAT_FORMAT = "%f %u %g %s"
 
 # $1 user ("" for the agent's own), $2 cwd ("" for the user's home), $3 "1" to switch to the
@@ -42,7 +44,7 @@ _STAT_FORMAT = "%f %u %g %s"
 # env; only what it lacks of the user's defaults is added here.
 WRAPPER = r"""
 pti_user=$1 pti_cwd=$2 pti_switch=$3; shift 3
-pti_fail() { printf '%s %s' "pti-setup-error:" "$1"; exit 125; }
+pti_fail() { printf 'pti-setup-error:%s\n%s' "$1" "$2"; exit 125; }
 if [ -z "$pti_user" ]; then
   while read -r pti_key pti_value _; do
     if [ "$pti_key" = Uid: ]; then pti_user=$pti_value; fi
@@ -53,11 +55,22 @@ while IFS=: read -r pti_name _ pti_uid pti_gid _ pti_home pti_shell; do
   if [ "$pti_name" = "$pti_user" ] || [ "$pti_uid" = "$pti_user" ]; then pti_found=1; break; fi
 done < /etc/passwd
 if [ -z "$pti_found" ]; then
-  case $pti_user in *[!0-9]*|'') pti_fail "no user '$pti_user' in the guest's /etc/passwd";; esac
+  case $pti_user in *[!0-9]*|'') pti_fail user "$pti_user";; esac
   pti_name=$pti_user pti_uid=$pti_user pti_gid=$pti_user pti_home=/ pti_shell=/bin/sh
 fi
 if [ -n "$pti_cwd" ]; then
-  cd "$pti_cwd" 2>/dev/null || pti_fail "cannot enter cwd '$pti_cwd': no such directory"
+  if ! cd "$pti_cwd" 2>/dev/null; then
+    # the errno chdir gave: ENOTDIR if it or the nearest parent that exists is no directory
+    pti_errno=13 pti_p=$pti_cwd
+    if [ ! -d "$pti_p" ]; then
+      pti_errno=2
+      while [ -n "$pti_p" ]; do
+        if [ -e "$pti_p" ]; then [ -d "$pti_p" ] || pti_errno=20; break; fi
+        case $pti_p in */*) pti_p=${pti_p%/*};; *) pti_p=;; esac
+      done
+    fi
+    pti_fail "cwd $pti_errno" "$pti_cwd"
+  fi
 else cd "$pti_home" 2>/dev/null || cd /; fi
 unset OLDPWD
 [ -n "${HOME+x}" ] || export HOME="$pti_home"
@@ -70,6 +83,21 @@ if [ "$pti_switch" = 1 ]; then
   set -- /usr/bin/setpriv --reuid="$pti_uid" --regid="$pti_gid" $pti_groups -- "$@"
 fi
 exec "$@"
+"""
+
+
+# mkdir -p, but something in the way that is not a directory (a file, a dangling link) is
+# ENOTDIR naming it, as in the other kinds, rather than mkdir's "File exists" for the new path
+MKDIRS = r"""
+pti_mkdirs() {
+  [ -d "$1" ] && return 0
+  pti_d=$1
+  until [ -e "$pti_d" ] || [ -L "$pti_d" ]; do
+    case $pti_d in */*) pti_d=${pti_d%/*}; pti_d=${pti_d:-/};; *) pti_d=.;; esac
+  done
+  [ -d "$pti_d" ] || { printf 'pti-oserror:20:%s\n' "$pti_d" >&2; return 1; }
+  mkdir -p -- "$1"
+}
 """
 
 
@@ -155,25 +183,16 @@ def _outcome(status: dict[str, Any]) -> tuple[int, bytes, bytes]:
     return int(code), out, err
 
 
-def run(client: AgentClient, request: ExecRequest) -> tuple[int, bytes, bytes, bool]:
-    """Run ``request`` through the wrapper: (exit code, stdout, stderr, timed out)."""
-    started = time.monotonic()
-    user = "" if request.user is None else str(request.user)
-    argv = ["/bin/sh", "-c", WRAPPER, "sh", user, request.cwd or "", *_command_line(request)]
-    pid = spawn(client, argv, request.input, request.env)
-    deadline = None if request.timeout is None else started + request.timeout + KILL_GRACE
-    status = wait(client, pid, deadline)
-    if status is None:
-        # `timeout` should have killed it: kill its group ourselves, and say so
-        spawn(client, ["kill", "-KILL", "--", f"-{pid}"], None)
-        return 137, b"", b"", True
-    code, out, err = _outcome(status)
-    elapsed = time.monotonic() - started
-    if code == SETUP_FAILED and out.startswith(SETUP_MARK.encode()):
-        message = out[len(SETUP_MARK) :].decode("utf-8", "replace").strip()
-        raise AgentError(f"{client.name}: cannot run {list(request.argv)!r}: {message}")
-    timed_out = request.timeout is not None and code == 137 and elapsed >= request.timeout * 0.99
-    return code, out, err, timed_out
+def _setup_failure(name: str, argv: Sequence[str], said: bytes) -> Exception:
+    """The error for what the wrapper said (after SETUP_MARK) when it could not prepare a
+    command: the same as every kind raises for that mistake."""
+    what, _, subject = said.decode("utf-8", "replace").partition("\n")
+    kind, _, number = what.partition(" ")
+    if kind == "user":
+        found = setup_error(name, argv, user=subject)
+    else:
+        found = setup_error(name, argv, errno=int(number or 0), path=subject)
+    return found or AgentError(f"{name}: cannot run {list(argv)!r}: {what} {subject}")
 
 
 def tool(client: AgentClient, script: str, args: list[str], data: bytes | None = None) -> bytes:
@@ -185,72 +204,15 @@ def tool(client: AgentClient, script: str, args: list[str], data: bytes | None =
     code, out, err = _outcome(status)
     if code != 0:
         text = err.decode("utf-8", "replace").strip()
+        if marked := OSERROR_MARK.search(text):
+            raise OSError(int(marked[1]), os.strerror(int(marked[1])), marked[2])
         number = errno_from_text(text)
         if number is not None:
             raise OSError(number, os.strerror(number), args[0] if args else None)
-        raise AgentError(f"{client.name}: {script.split()[0]} {args!r} failed: {text}")
+        raise AgentError(
+            f"{client.name}: {script.removeprefix(MKDIRS).split()[0]} {args!r} failed: {text}"
+        )
     return out
-
-
-# -- files --------------------------------------------------------------------------------
-
-
-def read_file(client: AgentClient, path: str) -> bytes:
-    """The content of ``path``, through guest-file-open/read/close."""
-    handle = client.request("guest-file-open", {"path": path, "mode": "r"}, path=path)
-    chunks = []
-    try:
-        while True:
-            reply = client.request(
-                "guest-file-read", {"handle": handle, "count": 4 << 20}, path=path
-            )
-            chunks.append(base64.b64decode(reply["buf-b64"]))
-            if reply["eof"] or not reply["count"]:
-                break
-    finally:
-        client.request("guest-file-close", {"handle": handle}, path=path)
-    return b"".join(chunks)
-
-
-def write_file(client: AgentClient, path: str, data: bytes, mode: int) -> None:
-    """Replace ``path`` with ``data`` (stdin of one command), owned by root, parents made."""
-    script = (
-        'mkdir -p -- "$(dirname -- "$1")" && cat > "$1" && '
-        '{ [ "$(id -u)" != 0 ] || chown 0:0 -- "$1"; } && chmod "$2" -- "$1"'
-    )
-    tool(client, script, [path, f"{mode & 0o7777:o}"], data)
-
-
-def stat(client: AgentClient, path: str) -> dict[str, Any] | None:
-    """{lstat, stat} as the extension gives it, from ``stat -c``; None if missing."""
-    script = (
-        f"stat -c '{_STAT_FORMAT}' -- \"$1\" && "
-        f"{{ stat -L -c '{_STAT_FORMAT}' -- \"$1\" 2>/dev/null || echo dangling; }}"
-    )
-    try:
-        lines = tool(client, script, [path]).decode().split("\n")
-    except FileNotFoundError:
-        return None
-
-    def record(line: str) -> dict[str, int]:
-        mode, uid, gid, size = line.split()
-        return {"mode": int(mode, 16), "uid": int(uid), "gid": int(gid), "size": int(size)}
-
-    return {
-        "lstat": record(lines[0]),
-        "stat": None if lines[1].strip() == "dangling" else record(lines[1]),
-    }
-
-
-def sha256(client: AgentClient, path: str) -> str:
-    """The sha256 of ``path``, from sha256sum."""
-    out = tool(client, 'sha256sum -- "$1"', [path]).decode()
-    return out.split()[0].lstrip("\\")
-
-
-def remove(client: AgentClient, path: str) -> None:
-    """rm -rf ``path``."""
-    tool(client, 'rm -rf -- "$1"', [path])
 
 
 def _is_dir(mode: int) -> bool:
@@ -271,26 +233,114 @@ def _renamed(archive: bytes, name: str) -> bytes:
     return out.getvalue()
 
 
-def put_archive(client: AgentClient, archive: bytes, dest: str, is_tree: bool) -> None:
-    """Unpack ``archive`` with the guest's tar (see ``Machine.put_archive``)."""
-    untar = 'tar -x --numeric-owner -p -f - -C "$1"'
-    found = stat(client, dest)
-    into_dir = found is not None and _is_dir((found["stat"] or found["lstat"])["mode"])
-    if is_tree or into_dir:
-        tool(client, f'mkdir -p -- "$1" && {untar}', [dest], archive)
-        return
-    parent = posixpath.dirname(dest) or "/"
-    data = _renamed(archive, posixpath.basename(dest))
-    script = f'mkdir -p -- "$1" && rm -f -- "$2" && {untar}'
-    tool(client, script, [parent, dest], data)
+class StockAgent:
+    """The ``Peer`` of a stock qemu-ga (or any agent without our extensions): exec through
+    the wrapper, files through guest-file-* and the guest's tools."""
 
+    extended = False
 
-def get_archive(client: AgentClient, path: str) -> bytes:
-    """A tar of ``path`` from the guest's tar (see ``Machine.get_archive``)."""
-    found = stat(client, path)
-    if found is None:
-        raise FileNotFoundError(2, os.strerror(2), path)
-    if _is_dir(found["lstat"]["mode"]):
-        return tool(client, 'tar -c -f - -C "$1" .', [path])
-    parent = posixpath.dirname(path.rstrip("/")) or "/"
-    return tool(client, 'tar -c -f - -C "$1" -- "$2"', [parent, posixpath.basename(path)])
+    def __init__(self, client: AgentClient) -> None:
+        self.client = client
+
+    def run(self, request: ExecRequest) -> tuple[int, bytes, bytes, bool]:
+        """Run ``request`` through the wrapper: (exit code, stdout, stderr, timed out)."""
+        client = self.client
+        started = time.monotonic()
+        user = "" if request.user is None else str(request.user)
+        argv = ["/bin/sh", "-c", WRAPPER, "sh", user, request.cwd or "", *_command_line(request)]
+        pid = spawn(client, argv, request.input, request.env)
+        deadline = None if request.timeout is None else started + request.timeout + KILL_GRACE
+        status = wait(client, pid, deadline)
+        if status is None:
+            # `timeout` should have killed it: kill its group ourselves, and say so
+            spawn(client, ["kill", "-KILL", "--", f"-{pid}"], None)
+            return 137, b"", b"", True
+        code, out, err = _outcome(status)
+        elapsed = time.monotonic() - started
+        if code == SETUP_FAILED and out.startswith(SETUP_MARK.encode()):
+            raise _setup_failure(client.name, request.argv, out[len(SETUP_MARK) :])
+        timed_out = (
+            request.timeout is not None and code == 137 and elapsed >= request.timeout * 0.99
+        )
+        return code, out, err, timed_out
+
+    def read_file(self, path: str) -> bytes:
+        """The content of ``path``, through guest-file-open/read/close."""
+        client = self.client
+        handle = client.request("guest-file-open", {"path": path, "mode": "r"}, path=path)
+        chunks = []
+        try:
+            while True:
+                reply = client.request(
+                    "guest-file-read", {"handle": handle, "count": 4 << 20}, path=path
+                )
+                chunks.append(base64.b64decode(reply["buf-b64"]))
+                if reply["eof"] or not reply["count"]:
+                    break
+        finally:
+            client.request("guest-file-close", {"handle": handle}, path=path)
+        return b"".join(chunks)
+
+    def write_file(self, path: str, data: bytes, mode: int) -> None:
+        """Replace ``path`` with ``data`` (stdin of one command), owned by root, parents made."""
+        script = MKDIRS + (
+            'pti_mkdirs "$(dirname -- "$1")" && cat > "$1" && '
+            '{ [ "$(id -u)" != 0 ] || chown 0:0 -- "$1"; } && chmod "$2" -- "$1"'
+        )
+        tool(self.client, script, [path, f"{mode & 0o7777:o}"], data)
+
+    def stat(self, path: str) -> dict[str, Any] | None:
+        """{lstat, stat} as the extension gives it, from ``stat -c``; None if missing."""
+        script = (
+            f"stat -c '{_STAT_FORMAT}' -- \"$1\" && "
+            f"{{ stat -L -c '{_STAT_FORMAT}' -- \"$1\" 2>/dev/null || echo dangling; }}"
+        )
+        try:
+            lines = tool(self.client, script, [path]).decode().split("\n")
+        except (FileNotFoundError, NotADirectoryError):  # missing, as pathlib says
+            return None
+
+        def record(line: str) -> dict[str, int]:
+            mode, uid, gid, size = line.split()
+            return {"mode": int(mode, 16), "uid": int(uid), "gid": int(gid), "size": int(size)}
+
+        return {
+            "lstat": record(lines[0]),
+            "stat": None if lines[1].strip() == "dangling" else record(lines[1]),
+        }
+
+    def sha256(self, path: str) -> str:
+        """The sha256 of ``path``, from sha256sum."""
+        out = tool(self.client, 'sha256sum -- "$1"', [path]).decode()
+        return out.split()[0].lstrip("\\")
+
+    def remove(self, path: str) -> None:
+        """rm -rf ``path``."""
+        tool(self.client, 'rm -rf -- "$1"', [path])
+
+    def put_archive(self, archive: bytes, dest: str, is_tree: bool) -> None:
+        """Unpack ``archive`` with the guest's tar (see ``Machine.put_archive``)."""
+        untar = 'tar -x --numeric-owner -p -f - -C "$1"'
+        found = self.stat(dest)
+        into_dir = found is not None and _is_dir((found["stat"] or found["lstat"])["mode"])
+        if is_tree or into_dir:
+            tool(self.client, f'{MKDIRS}pti_mkdirs "$1" && {untar}', [dest], archive)
+            return
+        parent = posixpath.dirname(dest) or "/"
+        data = _renamed(archive, posixpath.basename(dest))
+        script = f'{MKDIRS}pti_mkdirs "$1" && rm -f -- "$2" && {untar}'
+        tool(self.client, script, [parent, dest], data)
+
+    def get_archive(self, path: str) -> bytes:
+        """A tar of ``path`` from the guest's tar (see ``Machine.get_archive``)."""
+        found = self.stat(path)
+        if found is None:
+            raise FileNotFoundError(2, os.strerror(2), path)
+        if _is_dir(found["lstat"]["mode"]):
+            return tool(self.client, 'tar -c -f - -C "$1" .', [path])
+        parent = posixpath.dirname(path.rstrip("/")) or "/"
+        return tool(self.client, 'tar -c -f - -C "$1" -- "$2"', [parent, posixpath.basename(path)])
+
+    def add_entropy(self, data: bytes) -> None:
+        """Not for a stock agent: it has no command for the guest's random pool."""
+        raise AgentError(f"{self.client.name}: only the pytest-incus agent has pti-add-entropy")

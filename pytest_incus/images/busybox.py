@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
+from pytest_incus import tools
 from pytest_incus.errors import ImageError
 
 _CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
@@ -64,9 +64,13 @@ def build(rootfs: Path) -> str:
     os.chmod(rootfs / "tmp", 0o1777)
     os.chmod(rootfs / "root", 0o700)
     shutil.copy2(busybox, rootfs / "bin" / "busybox")
-    applets = subprocess.run(
-        [str(busybox), "--list-full"], capture_output=True, text=True, check=True
-    ).stdout.split()
+    listed = tools.run(
+        [str(busybox), "--list-full"],
+        what=f"{busybox} --list-full (the applets of the busybox image)",
+        error=ImageError,
+        fix="reinstall it: apt-get install --reinstall busybox-static",
+    )
+    applets = listed.stdout.decode().split()
     for applet in applets:
         link = rootfs / applet
         if not link.exists() and not link.is_symlink():

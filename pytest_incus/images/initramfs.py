@@ -17,11 +17,11 @@ import gzip
 import lzma
 import shutil
 import stat
-import subprocess
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from pytest_incus import tools
 from pytest_incus.errors import ImageError
 
 # What the stock kernel must load before /init can mount the root disk and the agent can
@@ -182,7 +182,13 @@ def read_module(path: Path) -> bytes:
     if path.name.endswith(".zst"):
         if shutil.which("zstd") is None:
             raise ImageError(f"{path} is zstd-compressed: apt-get install zstd to unpack it")
-        return subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
+        unpacked = tools.run(
+            ["zstd", "-dc", str(path)],
+            what=f"zstd -dc {path} (a kernel module for the VM initramfs)",
+            error=ImageError,
+            fix="the kernel package may be damaged: reinstall it in the image",
+        )
+        return unpacked.stdout
     if path.name.endswith(".gz"):
         return gzip.decompress(data)
     return data

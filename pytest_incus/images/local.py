@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
+from pytest_incus import tools
 from pytest_incus.errors import ImageError
 
 
@@ -24,12 +24,12 @@ def build(source: Path, rootfs: Path) -> None:
             "-C",
             str(rootfs),
         ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise ImageError(
-            f"cannot import rootfs from {source}: {proc.stderr.strip()}; "
-            "check that it is a readable rootfs directory or tarball"
-        )
+    tools.run(
+        cmd,
+        what=f"importing the rootfs {source} ({cmd[0]})",
+        error=ImageError,
+        fix="check that it is a readable rootfs directory or tarball",
+    )
     if not (rootfs / "sbin" / "init").exists() and not (rootfs / "sbin" / "init").is_symlink():
         raise ImageError(f"rootfs {source} has no /sbin/init, so no system container can boot it")
 

@@ -423,7 +423,14 @@ def fetch(
         layout = copy_to_layout(image, cache_dir, insecure)
         config = read_config(layout, image.layout_tag)
         unpack(layout, image.layout_tag, rootfs)
-    return AppConfig.from_oci(config, image.digest)
+    try:
+        return AppConfig.from_oci(config, image.digest)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ImageError(
+            f"image {image.name!r}: its OCI config cannot be read ({exc}); its Entrypoint, "
+            "Cmd and Env must be lists of strings: check how the image was built",
+            exc=exc,
+        ) from exc
 
 
 def remove_from_layout(cache_dir: Path, tags: Collection[str]) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
+from pytest_incus import tools
 from pytest_incus.errors import ImageError
 
 
@@ -20,14 +20,12 @@ def _shift_one(path: str, base_id: int) -> None:
 def copy_shifted(source: Path, dest: Path, base_id: int) -> None:
     """Copy the tree ``source`` into the existing directory ``dest``, owners moved up by
     ``base_id`` (uid 0 inside becomes ``base_id`` on the host)."""
-    proc = subprocess.run(
+    tools.run(
         ["cp", "-a", "--reflink=auto", f"{source}/.", str(dest)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
+        what=f"copying {source} for unprivileged containers (cp -a)",
+        error=ImageError,
+        fix="check the free space of the cache directory",
     )
-    if proc.returncode != 0:
-        raise ImageError(f"cannot copy {source} for an unprivileged container: {proc.stderr}")
     _shift_one(str(dest), base_id)
     for root, dirs, files in os.walk(dest):
         for name in dirs + files:

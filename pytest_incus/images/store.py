@@ -144,7 +144,9 @@ class ImageStore:
     """Builds, finds, lists and removes cached images.
 
     ``build_hook`` asks plugins to build names the store does not know itself (the
-    ``pytest_incus_build_image`` hook); ``progress`` shows long steps to the user.
+    ``pytest_incus_build_image`` hook), and ``hook_implemented`` says whether any plugin
+    implements it (asked when a name is checked: conftest files load during collection; by
+    default, whether there is a ``build_hook``); ``progress`` shows long steps to the user.
     """
 
     def __init__(
@@ -152,15 +154,30 @@ class ImageStore:
         settings: Settings,
         *,
         build_hook: BuildHook | None = None,
+        hook_implemented: Callable[[], bool] | None = None,
         progress: Progress | None = None,
     ) -> None:
         self.settings = settings
         self._build_hook = build_hook
+        self._hook_implemented = hook_implemented or (lambda: build_hook is not None)
         self.progress: Progress = progress or log.info
         """Shows a line to the user (pytest's terminal writer under pytest)."""
         self._seen: dict[str, Image] = {}
 
     # -- public API ------------------------------------------------------------------------
+
+    def check(self, image: str) -> ImageRef:
+        """Parse ``image``; ConfigError for a name that can never work, a name of nobody's
+        included (a name for a ``pytest_incus_build_image`` hook when no plugin has one)."""
+        ref = parse_ref(image)
+        if ref.source == "hook" and not self._hook_implemented():
+            raise ConfigError(
+                f"image {image!r} is not a name pytest-incus knows (busybox, debian/<release>, "
+                "an OCI reference for kind='app' or a rootfs path), and no plugin implements "
+                "the pytest_incus_build_image hook to build it; check the name, or implement "
+                "the hook in your conftest.py"
+            )
+        return ref
 
     def get(self, image: str, kind: str = "container") -> Image:
         """Ensure ``image`` is cached for ``kind`` and return it, building it if needed.
@@ -174,7 +191,7 @@ class ImageStore:
                 f"image {image!r}: kind={kind!r} images are not supported yet; "
                 f"this version builds images for {' and '.join(KINDS)}"
             )
-        ref = parse_ref(image)
+        ref = self.check(image)
         if kind == "app" or ref.source == "oci":
             return self._get_app(ref, kind)
         if ref.source == "simplestreams":
@@ -470,8 +487,14 @@ class ImageStore:
             fsutil.write_atomic(staging / RECORD, json.dumps(record, indent=1))
             os.chmod(staging, 0o755)
             os.rename(staging, self.settings.images_dir / key)
-        except BaseException:
+        except BaseException as exc:
             fsutil.remove_tree(staging)
+            if isinstance(exc, OSError):  # of the host's files (a full disk, say)
+                raise ImageError(
+                    f"building image {ref} into {staging} failed: {exc}; check the free space "
+                    f"and the permissions of the cache directory {self.settings.cache_dir}",
+                    exc=exc,
+                ) from exc
             raise
         finally:
             with open(self.settings.images_dir / BUILD_LOG, "a") as f:
@@ -506,6 +529,6 @@ class ImageStore:
         if self._build_hook is not None and self._build_hook(ref.name, rootfs):
             return local.detect_init(rootfs)
         raise ImageError(
-            f"no builder knows image {ref.name!r}: use busybox, debian/<release>, a rootfs path, "
-            "or implement the pytest_incus_build_image hook for it"
+            f"no builder knows image {ref.name!r}: no pytest_incus_build_image hook built it "
+            "(none returned True for it); check the name, or make your hook build it"
         )

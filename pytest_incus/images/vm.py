@@ -31,13 +31,12 @@ import lzma
 import os
 import shutil
 import struct
-import subprocess
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from pytest_incus import tools
 from pytest_incus.errors import ConfigError, ImageError
 from pytest_incus.images import debian, initramfs
 
@@ -267,8 +266,8 @@ def _decompress(payload: bytes) -> bytes:
         return lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(payload)
     if payload.startswith(b"\x5d\x00\x00"):
         return lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(payload[:-4])
-    tools = {b"\x02\x21\x4c\x18": ("lz4", "lz4"), b"\x28\xb5\x2f\xfd": ("zstd", "zstd")}
-    tool = tools.get(payload[:4])
+    unpackers = {b"\x02\x21\x4c\x18": ("lz4", "lz4"), b"\x28\xb5\x2f\xfd": ("zstd", "zstd")}
+    tool = unpackers.get(payload[:4])
     if tool is None:
         raise ImageError(f"unknown compression of the kernel payload (magic {payload[:4].hex()})")
     if shutil.which(tool[0]) is None:
@@ -276,11 +275,13 @@ def _decompress(payload: bytes) -> bytes:
             f"the VM kernel is {tool[0]}-compressed: apt-get install {tool[1]} to unpack it "
             "(the unpacked kernel boots seconds faster under TCG)"
         )
-    done = subprocess.run(
-        [tool[0], "-d", "-c"], input=payload[:-4], capture_output=True, timeout=MKFS_TIMEOUT
+    done = tools.run(
+        [tool[0], "-d", "-c"],
+        input=payload[:-4],
+        what=f"{tool[0]} -d of the VM kernel's payload",
+        error=ImageError,
+        timeout=MKFS_TIMEOUT,
     )
-    if done.returncode != 0:
-        raise ImageError(f"{tool[0]} -d failed on the kernel payload: {done.stderr.decode()}")
     return done.stdout
 
 
@@ -428,20 +429,8 @@ def make_disk(rootfs: Path, disk: Path, size: int = DISK_SIZE) -> None:
 
 
 def _run(*cmd: str) -> None:
-    started = time.monotonic()
-    try:
-        subprocess.run(
-            cmd, check=True, capture_output=True, text=True, timeout=MKFS_TIMEOUT, env=_env()
-        )
-    except subprocess.CalledProcessError as exc:
-        raise ImageError(
-            f"{' '.join(cmd[:2])} failed (exit {exc.returncode}) making a VM image: "
-            f"{exc.stderr.strip()}"
-        ) from exc
-    except subprocess.TimeoutExpired as exc:
-        raise ImageError(
-            f"{cmd[0]} did not finish within {time.monotonic() - started:.0f}s making a VM image"
-        ) from exc
+    what = f"{' '.join(cmd[:2])} (making a VM image)"
+    tools.run(cmd, what=what, error=ImageError, timeout=MKFS_TIMEOUT, env=_env())
 
 
 def _env() -> dict[str, str]:

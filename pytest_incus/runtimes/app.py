@@ -21,8 +21,14 @@ import time
 from pathlib import Path
 from typing import IO
 
-from pytest_incus.errors import ConfigError, IncusError, InstanceStartError
+from pytest_incus.errors import (
+    ConfigError,
+    InstanceStartError,
+    NotRunningError,
+    WaitTimeoutError,
+)
 from pytest_incus.images.ref import OCI_PREFIXES
+from pytest_incus.images.rootfs import inside
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.runtimes import process
 from pytest_incus.runtimes.container import (
@@ -30,14 +36,14 @@ from pytest_incus.runtimes.container import (
     Container,
     ContainerRuntime,
     _hook_path,
+    check_reachable,
     unprivileged_unavailable,
 )
-from pytest_incus.runtimes.protocol import ExecRequest, ExecResult
 from pytest_incus.spec import InstanceSpec
+from pytest_incus.values import ExecRequest, ExecResult
 
 LOG = "app.log"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-MAX_LINKS = 40  # symlinks followed to find a program, as the kernel's limit
 RUNNING_POLL = 0.005
 STOP_WAIT = 5.0  # seconds for lxc-execute to end once its container is stopped
 
@@ -71,7 +77,10 @@ class AppRuntime(ContainerRuntime):
             raise InstanceStartError(reason)
         image = images.get(spec.image, "app")
         lower = image if spec.privileged else images.shifted(image, ID_BASE)
-        return App(spec, name, directory, lower, _hook_path(images.settings.cache_dir))
+        hook = _hook_path(images.settings.cache_dir)
+        app = App(spec, name, directory, lower, hook)
+        check_reachable(spec, name, {"image": lower.rootfs, "directory": directory, "hook": hook})
+        return app
 
 
 def _ids(rootfs: Path, user: str) -> tuple[int, int]:
@@ -109,34 +118,6 @@ def _ids(rootfs: Path, user: str) -> tuple[int, int]:
         else:
             raise InstanceStartError(f"the image's group {group!r} is not in its /etc/group")
     return uid, gid
-
-
-def inside(rootfs: Path, path: str) -> Path | None:
-    """Where ``path`` (absolute, as the app sees it) leads in ``rootfs``, symlinks followed
-    inside it (an absolute link target starts again at ``rootfs``, never at the host's ``/``);
-    None if it leads nowhere."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    current = rootfs
-    links = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            current = current.parent if current != rootfs else rootfs
-            continue
-        step = current / part
-        if step.is_symlink():
-            links += 1
-            if links > MAX_LINKS:
-                return None
-            target = os.readlink(step)
-            parts[:0] = [p for p in target.split("/") if p not in ("", ".")]
-            if target.startswith("/"):
-                current = rootfs
-            continue
-        if not step.exists():
-            return None
-        current = step
-    return current
 
 
 def find_program(rootfs: Path, program: str, path_env: str, cwd: str) -> str | None:
@@ -238,17 +219,19 @@ class App(Container):
         return super().running() and self._execute is not None and self._execute.poll() is None
 
     def wait(self, timeout: float | None) -> int:
-        """Wait for the program to end; its exit code (TimeoutError past ``timeout``)."""
+        """Wait for the program to end; its exit code (WaitTimeoutError past ``timeout``)."""
         if self._execute is None:
             if self._exit_code is not None:
                 return self._exit_code
-            raise IncusError(f"app {self.name} was never started")
+            raise NotRunningError(f"wait(): app {self.name} was never started; start() it")
         try:
             return self._execute.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(
-                f"app {self.name} ({self.argv!r}) still runs after {timeout}s"
-            ) from None
+        except subprocess.TimeoutExpired as exc:
+            raise WaitTimeoutError(
+                f"wait(timeout={timeout}): app {self.name} ({self.argv!r}) still runs after "
+                f"{timeout}s; wait longer, or stop() it",
+                exc=exc,
+            ) from exc
 
     def stop(self, timeout: float, force: bool) -> None:
         """Stop the app's container (its program gets the halt signal, then is killed)."""

@@ -30,19 +30,26 @@ from pytest_incus.errors import (
     ExecTimeoutError,
     IncusError,
     InstanceStartError,
+    setup_error,
     tail,
 )
+from pytest_incus.images import rootfs
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.runtimes import cgroups, inside, mounts, process, readiness
-from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, Stat
+from pytest_incus.runtimes.liblxc import lxc_errors
 from pytest_incus.runtimes.server import ExecServer
 from pytest_incus.spec import InstanceSpec
+from pytest_incus.values import ExecRequest, ExecResult, Stat
 
 log = logging.getLogger("pytest_incus")
 
 ID_BASE = 1_000_000  # host uid/gid of root inside an unprivileged container
 ID_COUNT = 65_536
 READY_POLL = 0.02
+# Measured (unprivileged, cgroup v1): debian/12 boots and runs commands at 24 MiB; at 20 MiB
+# and below systemd or the exec server is killed, at 16 MiB liblxc's attach can hang, at
+# 1 MiB liblxc fails to start it ("Sync wake failure"). busybox needs 4 MiB.
+MIN_MEMORY = 32 << 20
 STOP_GRACE = 5  # seconds (liblxc takes an int)
 # overlayfs keeps whiteouts and opaque directories in user.overlay.* xattrs (kernel 5.11+), the
 # ones a user namespace may set
@@ -86,6 +93,24 @@ def unprivileged_unavailable() -> str | None:
     return None
 
 
+def check_reachable(spec: InstanceSpec, name: str, paths: dict[str, Path]) -> None:
+    """ConfigError naming the directory that keeps an unprivileged container's root (uid
+    ID_BASE on the host, no capabilities there) from one of ``paths`` (what they are -> path):
+    liblxc would only say "Permission denied"."""
+    if spec.privileged:
+        return
+    for what, path in paths.items():
+        if found := fsutil.unsearchable(path, ID_BASE, ID_BASE):
+            blocker, st = found
+            raise ConfigError(
+                f"{spec.kind} {name}: root of an unprivileged container is uid {ID_BASE} on the "
+                f"host, and it cannot enter {blocker} (mode {stat.S_IMODE(st.st_mode):o}, owner "
+                f"uid {st.st_uid}) on the way to its {what} {path}; use a cache directory that "
+                "every user can reach (--incus-cache-dir, such as /var/cache/pytest-incus), or "
+                f"let others search it (chmod o+x {blocker}), or use privileged=True"
+            )
+
+
 @functools.cache
 def _hook_path(cache_dir: Path) -> Path:
     """The rootfs check hook, copied into the cache: an unprivileged container's hook runs as
@@ -114,6 +139,12 @@ class ContainerRuntime:
             )
         if spec.cpus is not None and spec.cpus > (os.cpu_count() or 1):
             raise ConfigError(f"cpus={spec.cpus} but this host has only {os.cpu_count()} CPUs")
+        if spec.memory is not None and spec.memory < MIN_MEMORY:
+            raise ConfigError(
+                f"memory={spec.memory} bytes is too little for a {self.kind}: give at least "
+                f"{MIN_MEMORY >> 20}MiB (a debian/12 container needs about 24MiB to boot and "
+                "run commands)"
+            )
 
     def unavailable(self) -> str | None:
         """Why this host cannot run containers, or None."""
@@ -136,7 +167,17 @@ class ContainerRuntime:
             raise InstanceStartError(reason)
         image = images.get(spec.image, "container")
         lower = image if spec.privileged else images.shifted(image, ID_BASE)
-        return Container(spec, name, directory, lower, _hook_path(images.settings.cache_dir))
+        if problem := rootfs.init_damage(lower.rootfs):
+            # a copy cut short (a full disk, a killed build) boots as "Exec format error"
+            raise InstanceStartError(
+                f"container {name}: the cached image {image.ref} looks corrupt: {problem} in "
+                f"{lower.rootfs}; remove it, and the next launch builds it again: "
+                + images.settings.command(f"images prune {image.ref}")
+            )
+        hook = _hook_path(images.settings.cache_dir)
+        container = Container(spec, name, directory, lower, hook)
+        check_reachable(spec, name, {"image": lower.rootfs, "directory": directory, "hook": hook})
+        return container
 
     def reap(self, name: str, directory: Path) -> None:
         """Kill what is left of container ``name`` and remove its cgroups."""
@@ -178,10 +219,11 @@ class Container:
         self._mounts = mounts.plan(spec.mounts, directory)
         self._write_config(hook)
         lxc = _lxc()
-        self._c = lxc.Container(name, str(directory.parent))
+        with lxc_errors(f"container {name}: reading its config", InstanceStartError):
+            self._c = lxc.Container(name, str(directory.parent))
+            got = self._c.get_config_item("lxc.rootfs.path")
         self._server = ExecServer(self._c, name, lxc.LXC_ATTACH_CLEAR_ENV)
         expected = f"overlay:{image.rootfs}:{directory / 'upper'}"
-        got = self._c.get_config_item("lxc.rootfs.path")
         if got not in (expected, expected.removeprefix("overlay:")):
             raise InstanceStartError(
                 f"{name}: LXC read rootfs {got!r} from the config, expected "
@@ -344,10 +386,11 @@ class Container:
     def stop(self, timeout: float, force: bool) -> None:
         """Shut down cleanly (the init's halt signal) within ``timeout``, then kill."""
         self._server.close()  # first: its zombie would keep the container from ending
-        if self._c.running:
-            if force or not self._c.shutdown(max(1, round(timeout))):
-                self._c.stop()
-            self._c.wait("STOPPED", STOP_GRACE)
+        with lxc_errors(f"container {self.name}: stopping it"):
+            if self._c.running:
+                if force or not self._c.shutdown(max(1, round(timeout))):
+                    self._c.stop()
+                self._c.wait("STOPPED", STOP_GRACE)
         mounts.unstage(self.directory)
         cgroups.remove(self.name, _recorded_cgroups(self.directory))
 
@@ -361,10 +404,11 @@ class Container:
         """Kill container ``name`` (whoever started it) and remove its cgroups."""
         lxc = _lxc()
         if (directory / "config").exists():
-            c = lxc.Container(name, str(directory.parent))
-            if c.running:
-                c.stop()
-                c.wait("STOPPED", STOP_GRACE)
+            with lxc_errors(f"container {name}: stopping it"):
+                c = lxc.Container(name, str(directory.parent))
+                if c.running:
+                    c.stop()
+                    c.wait("STOPPED", STOP_GRACE)
         # after a failed start the monitor is still cleaning up when liblxc returns
         _end_monitor(name, directory.parent)
         mounts.unstage(directory)
@@ -378,7 +422,7 @@ class Container:
 
     def wait(self, timeout: float | None) -> int:
         """Not for system containers: their init runs until the container stops."""
-        raise IncusError(
+        raise ConfigError(
             f"container {self.name}: wait() is for kind='app' instances; a system container's "
             "init runs until it is stopped (use stop())"
         )
@@ -398,10 +442,15 @@ class Container:
         }
         outcome = self._server.request(message, request.input, request.timeout)
         duration = time.monotonic() - started
-        if outcome.error:
-            raise IncusError(
-                f"container {self.name}: cannot run {argv!r}: {outcome.error['message']}"
-            )
+        if error := outcome.error:
+            where = f"container {self.name}"
+            raise setup_error(
+                where,
+                argv,
+                errno=error.get("errno"),
+                path=error.get("path"),
+                user=error.get("user"),
+            ) or IncusError(f"{where}: cannot run {argv!r}: {error['message']}")
         if outcome.timed_out:
             raise ExecTimeoutError(
                 f"{argv!r} in {self.name} ran past its timeout of "
@@ -419,8 +468,8 @@ class Container:
         outcome = self._server.request({"op": name, "args": args}, data)
         if outcome.error:
             error = outcome.error
-            if error["kind"] == "os":
-                raise OSError(error["errno"], error["message"], str(args[0]))
+            if error["kind"] == "os":  # of the path refused (a parent in the way, say)
+                raise OSError(error["errno"], error["message"], error.get("path") or str(args[0]))
             raise IncusError(
                 f"container {self.name}: {name} {args[0]!r} failed: {error['message']}"
             )
@@ -438,7 +487,7 @@ class Container:
         """(lstat, stat) of ``path`` inside, or None."""
         try:
             raw = json.loads(self._operation("stat", path))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # missing, as pathlib says
             return None
         lst = Stat(is_symlink=stat.S_ISLNK(raw["lstat"]["mode"]), **raw["lstat"])
         st = lst if raw["stat"] is None else Stat(is_symlink=False, **raw["stat"])

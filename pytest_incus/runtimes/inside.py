@@ -192,8 +192,8 @@ def _send(reply: socket.socket, message: dict[str, Any], fds: list[int] | None =
             reply.send(data)
 
 
-def _error(kind: str, message: str, err: int = 0) -> dict[str, Any]:
-    return {"error": {"kind": kind, "errno": err, "message": message}}
+def _error(kind: str, message: str, err: int = 0, **details: Any) -> dict[str, Any]:
+    return {"error": {"kind": kind, "errno": err, "message": message, **details}}
 
 
 class _Server:
@@ -247,7 +247,8 @@ class _Server:
             who = lookup_user(request["user"])
             workdir = working_dir(who, request["cwd"])
         except CommandError as exc:
-            _send(reply, _error("setup", str(exc)))
+            details = exc.details()
+            _send(reply, _error("setup", str(exc), details.pop("errno", 0), **details))
             reply.close()
             return
         # as root with no other groups, spawn without switching ids: subprocess then uses
@@ -291,7 +292,8 @@ class _Server:
         try:
             OPERATIONS[request["op"]](src, dst, *request["args"])
         except OSError as exc:
-            message = _error("os", exc.strerror or str(exc), exc.errno or 0)
+            path = exc.filename if isinstance(exc.filename, str) else None
+            message = _error("os", exc.strerror or str(exc), exc.errno or 0, path=path)
         except Exception as exc:
             message = _error("error", f"{type(exc).__name__}: {exc}")
         else:

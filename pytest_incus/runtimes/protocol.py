@@ -1,4 +1,5 @@
-"""The interface every kind of instance implements, and the values it exchanges.
+"""The interface every kind of instance implements (the values it exchanges are in
+``pytest_incus.values``).
 
 A ``Runtime`` knows one kind (container, app, vm): it checks specs, says whether this host can
 run the kind, and makes ``Machine`` objects. A ``Machine`` is one instance's engine; the public
@@ -8,71 +9,16 @@ run the kind, and makes ``Machine`` objects. A ``Machine`` is one instance's eng
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from pytest_incus.images.store import ImageStore
-from pytest_incus.spec import InstanceSpec
+from pytest_incus.values import ExecRequest, ExecResult, Stat
 
-
-class InstanceState(enum.Enum):
-    """Where an instance is in its life."""
-
-    CREATED = "created"
-    RUNNING = "running"
-    STOPPED = "stopped"
-    DELETED = "deleted"
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """What a command did: its exit code, output and duration (seconds)."""
-
-    exit_code: int
-    stdout_bytes: bytes
-    stderr_bytes: bytes
-    duration: float
-
-    @property
-    def stdout(self) -> str:
-        """Standard output, decoded as UTF-8 with errors replaced."""
-        return self.stdout_bytes.decode("utf-8", "replace")
-
-    @property
-    def stderr(self) -> str:
-        """Standard error, decoded as UTF-8 with errors replaced."""
-        return self.stderr_bytes.decode("utf-8", "replace")
-
-    @property
-    def ok(self) -> bool:
-        """True when the exit code is 0."""
-        return self.exit_code == 0
-
-
-@dataclass(frozen=True)
-class Stat:
-    """What ``stat`` says of a path inside an instance, ids as the instance sees them."""
-
-    mode: int  # full st_mode
-    uid: int
-    gid: int
-    size: int
-    is_symlink: bool  # of the path itself, not followed
-
-
-@dataclass(frozen=True)
-class ExecRequest:
-    """One command to run inside an instance, fully resolved by ``Instance.exec``."""
-
-    argv: tuple[str, ...]
-    env: Mapping[str, str]
-    cwd: str | None
-    user: str | int | None
-    input: bytes | None
-    timeout: float | None  # seconds; None for no limit
+if TYPE_CHECKING:
+    # annotations only: defining the protocol must not import the image store and all it
+    # imports (the store's modules may import this one)
+    from pytest_incus.images.store import ImageStore
+    from pytest_incus.spec import InstanceSpec
 
 
 class Machine(Protocol):

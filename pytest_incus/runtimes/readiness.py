@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from pytest_incus.errors import ExecTimeoutError, IncusError, InstanceStartError
-from pytest_incus.runtimes.protocol import ExecRequest, ExecResult
+from pytest_incus.values import ExecRequest, ExecResult
 
 READY_STATES = ("running", "degraded")
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from pytest_incus.errors import IncusError
 from pytest_incus.runtimes import inside, process
+from pytest_incus.runtimes.liblxc import lxc_errors
 
 REPLY_SIZE = 1 << 16
 CLOSE_GRACE = 2.0  # seconds for the server to exit once its socket is closed
@@ -160,14 +161,15 @@ class ExecServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         devnull = os.open(os.devnull, os.O_RDWR)
         try:
-            pid = self._container.attach(
-                inside.serve,
-                (theirs.fileno(),),
-                env_policy=self._env_policy,
-                stdin=devnull,
-                stdout=devnull,
-                stderr=devnull,
-            )
+            with lxc_errors(f"container {self._name}: attaching its exec server"):
+                pid = self._container.attach(
+                    inside.serve,
+                    (theirs.fileno(),),
+                    env_policy=self._env_policy,
+                    stdin=devnull,
+                    stdout=devnull,
+                    stderr=devnull,
+                )
         finally:
             os.close(devnull)
             theirs.close()

@@ -41,8 +41,8 @@ from pytest_incus.images import vm as vm_images
 from pytest_incus.images.ref import parse_ref
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.runtimes import accel, qemu, readiness, snapshot
-from pytest_incus.runtimes.protocol import ExecRequest, ExecResult, Stat
 from pytest_incus.spec import VM_INITS, InstanceSpec
+from pytest_incus.values import ExecRequest, ExecResult, Stat
 
 log = logging.getLogger("pytest_incus")
 
@@ -621,7 +621,7 @@ class VirtualMachine:
 
     def wait(self, timeout: float | None) -> int:
         """Not for VMs: their init runs until the VM stops."""
-        raise IncusError(
+        raise ConfigError(
             f"VM {self.name}: wait() is for kind='app' instances; a VM runs until it is "
             "stopped (use stop())"
         )

@@ -26,8 +26,8 @@ import guest_agent
 from pytest_incus.agent import AgentClient
 from pytest_incus.factory import InstanceFactory
 from pytest_incus.images.store import ImageStore
-from pytest_incus.runtimes.protocol import ExecRequest
 from pytest_incus.settings import Settings, default_cache_dir
+from pytest_incus.values import ExecRequest
 
 SCRATCH_ROOT = Path("/var/cache/pytest-incus-tests")
 NOBODY = 65534

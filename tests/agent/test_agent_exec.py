@@ -7,9 +7,9 @@ import time
 import pytest
 from agent_helpers import AgentTarget, run, wait_until
 
-from pytest_incus import AgentError, ExecTimeoutError
+from pytest_incus import ExecTimeoutError, UnknownUserError
 from pytest_incus.agent import AgentClient
-from pytest_incus.runtimes.protocol import ExecRequest
+from pytest_incus.values import ExecRequest
 
 
 def test_output_and_exit_code(agent_client: AgentClient) -> None:
@@ -56,9 +56,18 @@ def test_cwd_defaults_to_the_users_home_or_root(agent_client: AgentClient) -> No
     assert (code, out.strip()) == (0, expected)
 
 
-def test_missing_cwd_raises_agent_error(agent_client: AgentClient) -> None:
-    with pytest.raises(AgentError, match="no-such-dir"):
+def test_a_cwd_that_is_no_directory_is_the_os_error_chdir_gives(
+    agent_client: AgentClient, workdir: str
+) -> None:
+    # as in containers: not the agent failing, but the guest's filesystem
+    with pytest.raises(FileNotFoundError) as missing:
         run(agent_client, ["true"], cwd="/no-such-dir")
+    assert missing.value.filename == "/no-such-dir"
+    run(agent_client, ["touch", f"{workdir}/file"])
+    for cwd, blocker in ((f"{workdir}/file", "file"), (f"{workdir}/file/sub", "file under")):
+        with pytest.raises(NotADirectoryError) as info:
+            run(agent_client, ["true"], cwd=cwd)
+        assert info.value.filename == cwd, blocker
 
 
 def test_input_goes_to_stdin(agent_client: AgentClient) -> None:
@@ -132,9 +141,10 @@ def test_user_by_name_and_uid(agent_client: AgentClient) -> None:
 
 
 @pytest.mark.agent_root
-def test_unknown_user_raises_agent_error(agent_client: AgentClient) -> None:
-    with pytest.raises(AgentError, match="no-such-user-pti"):
+def test_unknown_user_raises_unknown_user_error(agent_client: AgentClient) -> None:
+    with pytest.raises(UnknownUserError, match="'no-such-user-pti'") as info:
         run(agent_client, ["true"], user="no-such-user-pti")
+    assert info.value.user == "no-such-user-pti"
 
 
 def test_parallel_threads_share_the_client(agent_client: AgentClient) -> None:

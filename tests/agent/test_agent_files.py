@@ -141,6 +141,24 @@ def test_put_one_file_as_dest_or_into_a_directory(agent_client: AgentClient, wor
     assert agent_client.read_file(f"{workdir}/x/old") == b"new"
 
 
+def test_a_file_in_the_way_is_not_a_directory_naming_it(
+    agent_client: AgentClient, workdir: str
+) -> None:
+    # what makes parents finds a file where a directory should be: the error names the file,
+    # as in containers (not mkdir's "File exists" for the new path)
+    blocker = f"{workdir}/file"
+    agent_client.write_file(blocker, b"x", 0o644)
+    for path in (f"{blocker}/new", f"{blocker}/sub/new"):
+        with pytest.raises(NotADirectoryError) as written:
+            agent_client.write_file(path, b"y", 0o644)
+        assert written.value.filename == blocker
+        with pytest.raises(NotADirectoryError) as put:
+            agent_client.put_archive(_one_file_archive("n", b"new"), path, False)
+        assert put.value.filename == blocker
+        assert agent_client.stat(path) is None  # missing, as pathlib's exists() says
+    assert agent_client.read_file(blocker) == b"x"
+
+
 def test_get_one_file(agent_client: AgentClient, workdir: str) -> None:
     agent_client.write_file(f"{workdir}/single", b"one", 0o600)
     with tarfile.open(fileobj=io.BytesIO(agent_client.get_archive(f"{workdir}/single"))) as tar:

@@ -12,7 +12,13 @@ from collections.abc import Iterator
 import pytest
 from integration_helpers import host_descendants, host_processes
 
-from pytest_incus import ExecError, ExecTimeoutError, IncusError, Instance, InstanceFactory
+from pytest_incus import (
+    ExecError,
+    ExecTimeoutError,
+    Instance,
+    InstanceFactory,
+    UnknownUserError,
+)
 
 BUSYBOX = pytest.mark.instance(image="busybox")
 
@@ -65,8 +71,13 @@ def test_explicit_cwd(instance: Instance) -> None:
 
 @BUSYBOX
 def test_missing_cwd_is_an_error_naming_it(instance: Instance) -> None:
-    with pytest.raises(IncusError, match="/pti-no-such-dir"):
+    # as subprocess.Popen(cwd=...) says it
+    with pytest.raises(FileNotFoundError) as missing:
         instance.exec("pwd", cwd="/pti-no-such-dir")
+    assert missing.value.filename == "/pti-no-such-dir"
+    with pytest.raises(NotADirectoryError) as a_file:
+        instance.exec("pwd", cwd="/etc/passwd/sub")
+    assert a_file.value.filename == "/etc/passwd/sub"
 
 
 @BUSYBOX
@@ -83,7 +94,7 @@ def test_user_by_name_and_by_uid(instance: Instance) -> None:
 
 @BUSYBOX
 def test_unknown_user_is_an_error(instance: Instance) -> None:
-    with pytest.raises(IncusError, match="pti-nobody-here"):
+    with pytest.raises(UnknownUserError, match="'pti-nobody-here'"):
         instance.exec("true", user="pti-nobody-here")
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 from integration_helpers import assert_nothing_left, wait_until
 
-from pytest_incus import IncusError, Instance, InstanceState
+from pytest_incus import Instance, InstanceState, NotRunningError
 from pytest_incus.settings import Settings
 
 
@@ -26,7 +26,7 @@ def test_stop_start_restart_busybox(instance: Instance) -> None:
     instance.stop()
     assert time.monotonic() - started < 10
     assert instance.state is InstanceState.STOPPED
-    with pytest.raises(IncusError):
+    with pytest.raises(NotRunningError, match=r"is stopped .*start\(\) it"):
         instance.exec("true")
 
     instance.start()
@@ -71,7 +71,7 @@ def test_delete_is_idempotent_and_final(instance: Instance, settings: Settings) 
     instance.stop()  # stopping a deleted instance does nothing
     assert instance.state is InstanceState.DELETED
     assert_nothing_left(settings, name)
-    with pytest.raises((IncusError, RuntimeError)):
+    with pytest.raises(NotRunningError, match="was deleted"):
         instance.start()
 
 

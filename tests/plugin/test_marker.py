@@ -22,6 +22,11 @@ from plugin_helpers import INNER_HEADER, InnerInstances
             "option kernel= does not apply to kind='container'",
         ),
         ('image="debian/99"', "unknown Debian release in image 'debian/99'"),
+        (
+            'image="nosuch/1"',
+            "image 'nosuch/1' is not a name pytest-incus knows (busybox, debian/<release>",
+        ),
+        ('image="busybox", memory="1MiB"', "too little for a container: give at least 32MiB"),
     ],
 )
 def test_bad_marker_stops_the_run_with_one_line(
@@ -64,6 +69,17 @@ def test_bad_marker_also_stops_a_run_that_does_not_use_instance(
     result = pytester.runpytest_subprocess(*args, timeout=120)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: *::test_bad: option memory='lots' is not a size*"])
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "soon"])
+def test_an_exec_timeout_ini_that_is_no_number_of_seconds_stops_the_run(
+    pytester: pytest.Pytester, args: list[str], value: str
+) -> None:
+    pytester.makeini(f"[pytest]\nincus_exec_timeout = {value}\n")
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess(*args, timeout=120)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*incus_exec_timeout = *{value}* is not a number of seconds*"])
 
 
 MATRIX = (

@@ -72,6 +72,23 @@ def test_name_nobody_builds(store_settings: Settings) -> None:
     assert not any(store_settings.staging_dir.iterdir())
 
 
+def test_name_for_a_hook_when_no_plugin_has_one(store_settings: Settings) -> None:
+    message = "image 'nosuch/1' is not a name pytest-incus knows .* no plugin implements"
+    for store in (
+        ImageStore(store_settings),
+        ImageStore(store_settings, build_hook=Builder(), hook_implemented=lambda: False),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            store.check("nosuch/1")
+        with pytest.raises(ConfigError, match=message):
+            store.get("nosuch/1")
+    # with a hook, the name is the hook's to build: checked, then an ImageError if none did
+    store = ImageStore(store_settings, build_hook=Builder())
+    assert store.check("nosuch/1").source == "hook"
+    with pytest.raises(ImageError, match="no pytest_incus_build_image hook built it"):
+        store.get("nosuch/1")
+
+
 def test_failed_build_leaves_nothing(store_settings: Settings) -> None:
     def broken(ref: str, rootfs: Path) -> bool:
         (rootfs / "half").write_text("x")
