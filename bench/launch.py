@@ -58,7 +58,13 @@ from pytest_incus.factory import InstanceFactory
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.instance import Instance
 from pytest_incus.ownership import Owner
-from pytest_incus.runtimes.container import ID_BASE, READY_POLL, Container, _hook_path
+from pytest_incus.runtimes.container import (
+    ID_BASE,
+    READY_POLL,
+    Container,
+    _hook_path,
+    write_config,
+)
 from pytest_incus.settings import Settings, default_cache_dir
 from pytest_incus.spec import InstanceSpec
 
@@ -144,16 +150,9 @@ class RawContainer:
         self.c: Any = None
 
     def _write_config(self) -> None:
-        # The plugin's own config writer, on an object that has only the attributes it reads,
-        # so the two configs cannot drift apart (the file is compared in check_same_config).
-        shim = Container.__new__(Container)
-        shim.spec, shim.name, shim.directory, shim.image = (
-            self.spec,
-            self.name,
-            self.directory,
-            self.lower,
-        )
-        shim._write_config(self.hook)
+        # the plugin's own config writer, so the two configs cannot drift apart (the file is
+        # compared in check_same_config)
+        write_config(self.spec, self.name, self.directory, self.lower, self.hook, [])
 
     def launch(self) -> None:
         """Write the config, start the container and wait until it is ready."""

@@ -21,6 +21,7 @@ import os
 import stat
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,74 @@ def _hook_path(cache_dir: Path) -> Path:
         os.chmod(dest.parent, 0o755)
         fsutil.write_atomic(dest, data, mode=0o755)
     return dest
+
+
+def write_config(
+    spec: InstanceSpec,
+    name: str,
+    directory: Path,
+    image: Image,
+    hook: Path,
+    staged: Sequence[mounts.StagedMount],
+    extra: Sequence[str] = (),
+) -> None:
+    """Write the LXC config file of container ``name`` in ``directory``, and make its overlay
+    directories: the one config writer, used by ``Container`` and by the launch benchmark's
+    raw liblxc column, so that the two cannot drift apart. ``hook`` is the rootfs check,
+    ``staged`` the host paths the host mounts at each start (runtimes/mounts.py), ``extra``
+    lines of kinds built on containers (apps)."""
+    d = directory
+    for sub in ("upper", "work"):
+        (d / sub).mkdir(exist_ok=True)
+        if not spec.privileged:
+            os.chown(d / sub, ID_BASE, ID_BASE)
+    os.chmod(d, 0o755)
+    os.chmod(d.parent, 0o755)
+    rootfs = f"{image.rootfs}:{d / 'upper'}"
+    host_root = os.stat("/")
+    lines = [
+        f"lxc.uts.name = {name}",
+        f"lxc.rootfs.path = overlay:{rootfs}",
+        "lxc.net.0.type = empty",
+        "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed:force",
+        "lxc.autodev = 1",
+        "lxc.tty.max = 0",
+        "lxc.pty.max = 16",
+        f"lxc.console.logfile = {d / 'console.log'}",
+        f"lxc.log.file = {d / 'lxc.log'}",
+        "lxc.log.level = ERROR",
+        "lxc.apparmor.profile = unconfined",
+        f"lxc.signal.halt = {_HALT_SIGNALS.get(image.init, 'SIGPWR')}",
+        "lxc.hook.version = 1",
+        f"lxc.hook.mount = {hook}",
+        f"lxc.environment = PTI_HOST_ROOT={host_root.st_dev}:{host_root.st_ino}",
+        f"lxc.environment = PTI_EXPECT_ROOTFS={rootfs}",
+        f"lxc.environment = PTI_EXPECT_UPPER={d / 'upper'}",
+    ]
+    if not spec.privileged:
+        lines += [
+            f"lxc.idmap = u 0 {ID_BASE} {ID_COUNT}",
+            f"lxc.idmap = g 0 {ID_BASE} {ID_COUNT}",
+            # liblxc mounts the overlay inside the container's user namespace, where the
+            # trusted.overlay.* xattrs of whiteouts and opaque directories cannot be set:
+            # without this, removing a directory of the image and making it again fails
+            # (EIO, EEXIST, EXDEV). liblxc adds these options to the overlay's own.
+            f"lxc.rootfs.options = {UNPRIVILEGED_OVERLAY_OPTIONS}",
+        ]
+    if spec.cpus is not None:
+        key = cgroups.config_key("cpuset", "cpuset.cpus", "cpuset.cpus")
+        if key is None:
+            raise InstanceStartError(f"cpus={spec.cpus}: this host has no cpuset cgroup")
+        lines.append(f"{key} = 0-{spec.cpus - 1}")
+    if spec.memory is not None:
+        key = cgroups.config_key("memory", "memory.limit_in_bytes", "memory.max")
+        if key is None:
+            raise InstanceStartError("memory=: this host has no memory cgroup")
+        lines.append(f"{key} = {spec.memory}")
+    # the staging paths, which the host mounts at each start (runtimes/mounts.py)
+    lines += [entry.config_line() for entry in staged]
+    lines += extra
+    fsutil.write_atomic(d / "config", "\n".join(lines) + "\n")
 
 
 class ContainerRuntime:
@@ -238,59 +307,10 @@ class Container:
     # -- configuration -------------------------------------------------------------------
 
     def _write_config(self, hook: Path) -> None:
-        d = self.directory
-        spec = self.spec
-        for sub in ("upper", "work"):
-            (d / sub).mkdir(exist_ok=True)
-            if not spec.privileged:
-                os.chown(d / sub, ID_BASE, ID_BASE)
-        os.chmod(d, 0o755)
-        os.chmod(d.parent, 0o755)
-        rootfs = f"{self.image.rootfs}:{d / 'upper'}"
-        host_root = os.stat("/")
-        lines = [
-            f"lxc.uts.name = {self.name}",
-            f"lxc.rootfs.path = overlay:{rootfs}",
-            "lxc.net.0.type = empty",
-            "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed:force",
-            "lxc.autodev = 1",
-            "lxc.tty.max = 0",
-            "lxc.pty.max = 16",
-            f"lxc.console.logfile = {d / 'console.log'}",
-            f"lxc.log.file = {d / 'lxc.log'}",
-            "lxc.log.level = ERROR",
-            "lxc.apparmor.profile = unconfined",
-            f"lxc.signal.halt = {_HALT_SIGNALS.get(self.image.init, 'SIGPWR')}",
-            "lxc.hook.version = 1",
-            f"lxc.hook.mount = {hook}",
-            f"lxc.environment = PTI_HOST_ROOT={host_root.st_dev}:{host_root.st_ino}",
-            f"lxc.environment = PTI_EXPECT_ROOTFS={rootfs}",
-            f"lxc.environment = PTI_EXPECT_UPPER={d / 'upper'}",
-        ]
-        if not spec.privileged:
-            lines += [
-                f"lxc.idmap = u 0 {ID_BASE} {ID_COUNT}",
-                f"lxc.idmap = g 0 {ID_BASE} {ID_COUNT}",
-                # liblxc mounts the overlay inside the container's user namespace, where the
-                # trusted.overlay.* xattrs of whiteouts and opaque directories cannot be set:
-                # without this, removing a directory of the image and making it again fails
-                # (EIO, EEXIST, EXDEV). liblxc adds these options to the overlay's own.
-                f"lxc.rootfs.options = {UNPRIVILEGED_OVERLAY_OPTIONS}",
-            ]
-        if spec.cpus is not None:
-            key = cgroups.config_key("cpuset", "cpuset.cpus", "cpuset.cpus")
-            if key is None:
-                raise InstanceStartError(f"cpus={spec.cpus}: this host has no cpuset cgroup")
-            lines.append(f"{key} = 0-{spec.cpus - 1}")
-        if spec.memory is not None:
-            key = cgroups.config_key("memory", "memory.limit_in_bytes", "memory.max")
-            if key is None:
-                raise InstanceStartError("memory=: this host has no memory cgroup")
-            lines.append(f"{key} = {spec.memory}")
-        # the staging paths, which the host mounts at each start (runtimes/mounts.py)
-        lines += [staged.config_line() for staged in self._mounts]
-        lines += self._extra_config()
-        fsutil.write_atomic(d / "config", "\n".join(lines) + "\n")
+        write_config(
+            self.spec, self.name, self.directory, self.image, hook, self._mounts,
+            self._extra_config(),
+        )
 
     def _extra_config(self) -> list[str]:
         """More LXC config lines, for kinds built on this one (apps)."""
