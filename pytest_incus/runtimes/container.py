@@ -308,7 +308,12 @@ class Container:
 
     def _write_config(self, hook: Path) -> None:
         write_config(
-            self.spec, self.name, self.directory, self.image, hook, self._mounts,
+            self.spec,
+            self.name,
+            self.directory,
+            self.image,
+            hook,
+            self._mounts,
             self._extra_config(),
         )
 
