@@ -22,8 +22,9 @@ incus
 
 Launch-to-ready ends, for every column, at the same event: for a busybox image the first
 successful exec of ``true``; for a systemd image ``systemctl is-system-running`` answering
-``running`` or ``degraded``. The columns' runs are interleaved (plugin, raw and incus in
-rounds that rotate which goes first), so machine noise hits all of them alike.
+``running`` or ``degraded``. The plugin's and raw liblxc's runs are interleaved (rounds that
+alternate which goes first), so machine noise hits both alike; Incus's launches follow in a
+block of their own (see ``Bench.measure_launches`` for why).
 
 Targets (issue 2): busybox launch-to-ready <= 60 ms, debian/12 <= 0.4 s, exec round trip <=
 5 ms (absolute figures, for a quiet machine); plugin within 1.5x of raw liblxc, and launch at
@@ -304,15 +305,21 @@ class Bench:
     def measure_launches(
         self, image: str, n: int, incus: IncusSide | None, incus_n: int
     ) -> dict[str, Series]:
-        """``n`` launch-to-ready times per side (``incus_n`` for incus), in rounds that
-        alternate the sides and rotate which one goes first."""
+        """``n`` launch-to-ready times per side (``incus_n`` for incus): plugin and raw in
+        rounds that alternate which goes first, then Incus's launches in a block of their own.
+
+        Incus is not interleaved with the others because a launch right after an Incus one
+        finds the machine's caches taken by Incus: it took 35-45 ms where the same busybox
+        launch took 21-25 ms after a plugin or raw one (measured; a pause of 0.2-1 s in
+        between did not help, nor did a sync). Interleaved, the plugin's and raw's medians
+        fell on either side of that gap by chance, and the ratios with them."""
         series: dict[str, Series] = {"plugin": Series(), "raw": Series()}
+        rounds = [["plugin", "raw"] if i % 2 == 0 else ["raw", "plugin"] for i in range(n)]
         if incus is not None:
             series["incus"] = Series()
-        for i in range(max(n, incus_n if incus else 0)):
-            sides = [s for s in series if i < (incus_n if s == "incus" else n)]
-            shift = i % len(sides)
-            for side in sides[shift:] + sides[:shift]:
+            rounds += [["incus"]] * incus_n
+        for order in rounds:
+            for side in order:
                 seconds = self._launch_once(side, image, incus)
                 if seconds is not None:
                     series[side].values.append(seconds)
