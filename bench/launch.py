@@ -577,7 +577,8 @@ def run_image(
     else:
         result.incus_skipped = incus_reason
     sides = "plugin, raw" + (", incus" if incus else "")
-    print(f"{image}: launches ({sides}), interleaved", flush=True)
+    after = ", then incus" if incus else ""
+    print(f"{image}: launches (plugin and raw interleaved{after})", flush=True)
     result.launch = bench.measure_launches(image, args.launches, incus, args.incus_launches)
     print(f"{image}: exec round trips ({sides}), interleaved", flush=True)
     result.exec = bench.measure_execs(image, args.execs, incus, args.incus_execs)
