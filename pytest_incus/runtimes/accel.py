@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def _run_probe(run: Path, kernel: Path, accel: Accel, deadline: float) -> Verdic
         fsutil.write_atomic(run / "initrd", initramfs.probe())
     except ImageError as exc:
         return Verdict(False, f"the KVM probe cannot run: {exc}", "probe", time.time())
-    console, stderr = run / "console.log", run / "qemu.log"
+    console = run / "console.log"
     argv = [
         QEMU,
         *("-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"),
@@ -158,51 +159,41 @@ def _run_probe(run: Path, kernel: Path, accel: Accel, deadline: float) -> Verdic
     ]
     what = f"a Linux guest (kernel {kernel.parent.name}/{kernel.name}) under {accel.name.upper()}"
     started = time.monotonic()
-    with open(stderr, "wb") as err:
-        child = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
-        )
+    process = qemu.QemuProcess.launch(argv, run)
     try:
-        while child.poll() is None:
-            said = _read(stderr)
-            if qemu.KVM_ERROR in said:
-                return Verdict(
-                    False, f"{what} stopped: {qemu.kvm_error(said)}", "probe", time.time()
-                )
+        while process.alive():
+            if (reason := process.stop_reason()) is not None:
+                return Verdict(False, f"{what} stopped: {reason}", "probe", time.time())
             if time.monotonic() - started > deadline:
+                said = _last_line(process.stderr())
                 return Verdict(
                     False,
                     f"{what} did not reach its init within {deadline:.0f}s (TCG takes about 2s;"
-                    " its vCPU hangs or crawls"
-                    + (f"; QEMU said: {_last_line(said)}" if said.strip() else "")
-                    + ")",
+                    " its vCPU hangs or crawls" + (f"; QEMU said: {said}" if said else "") + ")",
                     "probe",
                     time.time(),
                 )
             time.sleep(PROBE_POLL)
     finally:
-        if child.poll() is None:
-            child.kill()  # our own child, by pid
-        child.wait()
+        process.kill()  # our own child, by pid (nothing if it ended)
+        process.close()
     took = time.monotonic() - started
-    said = _read(stderr)
-    if child.returncode == 0 and initramfs.PROBE_TOKEN in _read(console):
+    code = process.child.returncode
+    if (
+        code == 0
+        and console.is_file()
+        and initramfs.PROBE_TOKEN in console.read_text(errors="replace")
+    ):
         return Verdict(True, f"{what} reached its init in {took:.2f}s", "probe", time.time())
+    said = _last_line(process.stderr())
     return Verdict(
         False,
-        f"{what} failed (QEMU exit code {child.returncode}"
-        + (f": {_last_line(said)}" if said.strip() else ", and its init never ran")
+        f"{what} failed (QEMU exit code {code}"
+        + (f": {said}" if said else ", and its init never ran")
         + ")",
         "probe",
         time.time(),
     )
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
 
 
 def _last_line(text: str) -> str:
@@ -239,28 +230,28 @@ def _lock_file(cache_dir: Path) -> filelock.FileLock:
     return filelock.FileLock(str(cache_dir / f"{CACHE_FILE}.lock"))
 
 
-def verdict(cache_dir: Path, kernel: Path | None) -> Verdict | None:
-    """The verdict for this host: the recorded one, else the probe's on ``kernel`` (recorded);
-    None when there is none and no kernel to probe with."""
+def _settled(cache_dir: Path, seen: Callable[[], Verdict], kernel: Path | None) -> Verdict:
+    """The verdict recorded for this host, else ``seen()``, recorded; under the verdict's lock,
+    so that of processes deciding at once only the first observes (probes) and records."""
     with _lock_file(cache_dir):
         found = cached_verdict(cache_dir)
-        if found is not None or kernel is None:
+        if found is not None:
             return found
-        fresh = probe_kvm(cache_dir / "probe", kernel)
+        fresh = seen()
         _write(cache_dir, fresh, kernel)
-        log.info("KVM probe: %s", fresh.describe())
+        log.info("KVM verdict: %s", fresh.describe())
         return fresh
+
+
+def verdict(cache_dir: Path, kernel: Path) -> Verdict:
+    """The verdict for this host: the recorded one, else the probe's on ``kernel``."""
+    return _settled(cache_dir, lambda: probe_kvm(cache_dir / "probe", kernel), kernel)
 
 
 def record(cache_dir: Path, seen: Verdict, kernel: Path | None) -> Verdict:
     """Record ``seen`` as this host's verdict, unless one was recorded meanwhile; the
     verdict that holds."""
-    with _lock_file(cache_dir):
-        found = cached_verdict(cache_dir)
-        if found is not None:
-            return found
-        _write(cache_dir, seen, kernel)
-        return seen
+    return _settled(cache_dir, lambda: seen, kernel)
 
 
 def _as_accel(found: Verdict) -> Accel:
@@ -280,9 +271,7 @@ def choose(requested: str, cache_dir: Path, kernel: Path) -> Accel:
         return Accel("tcg", "--incus-accel=tcg")
     with _lock:
         if cache_dir not in _chosen:
-            found = verdict(cache_dir, kernel)
-            assert found is not None  # a kernel was given
-            _chosen[cache_dir] = _as_accel(found)
+            _chosen[cache_dir] = _as_accel(verdict(cache_dir, kernel))
         accel = _chosen[cache_dir]
     if requested == "kvm" and accel.name != "kvm":
         raise UnavailableError(

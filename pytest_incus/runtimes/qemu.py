@@ -63,13 +63,14 @@ def firmware_args() -> list[str]:
     return ["-bios", str(QBOOT)] if QBOOT.exists() else []
 
 
-def kvm_error(stderr: str) -> str:
-    """A one-line summary of the KVM internal error QEMU reported in ``stderr``: its first line
-    and the reason line ("emulation failure") that follows the register dump's extra data."""
+def kvm_error(stderr: str) -> str | None:
+    """A one-line summary of the KVM internal error QEMU reported in ``stderr`` (its first
+    line and the reason line, "emulation failure", that follows the register dump's extra
+    data); None if it reported none."""
     lines = stderr.splitlines()
     first = next((i for i, line in enumerate(lines) if KVM_ERROR in line), None)
     if first is None:
-        return stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        return None
     reason = next(
         (
             line.strip()
@@ -170,9 +171,8 @@ class QemuProcess:
         """Why the guest can no longer run although QEMU lives on, or None: a KVM internal
         error on QEMU's stderr, or a QMP run state of ``DEAD_STATES``. (A QEMU that exited
         is told by ``alive()``.)"""
-        said = self.stderr()
-        if KVM_ERROR in said:
-            return kvm_error(said)
+        if (error := kvm_error(self.stderr())) is not None:
+            return error
         if self.qmp is not None and self.alive():
             try:
                 status = self.command("query-status", timeout=5.0).get("status")
