@@ -25,8 +25,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from pytest_incus import fsutil
 from pytest_incus.agent.client import AgentClient
@@ -73,11 +74,9 @@ class KvmFailure(InstanceStartError):
     """KVM stopped a booting guest with an internal error (``VirtualMachine.start`` falls back
     to TCG, or says that KVM cannot work)."""
 
-    def __init__(self, reason: str, error: InstanceStartError) -> None:
-        super().__init__(str(error))
-        self.reason = reason
-        for note in getattr(error, "__notes__", []):
-            self.add_note(note)
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # what QEMU said, in one line
 
 
 class VmRuntime:
@@ -372,7 +371,7 @@ class VirtualMachine:
                 if watch.reason is None:
                     raise
                 if watch.kvm_error and self.accel.name == "kvm":
-                    raise KvmFailure(watch.reason, self._start_error(watch.reason)) from exc
+                    raise self._start_error(watch.reason, KvmFailure, reason=watch.reason) from exc
                 raise self._start_error(watch.reason) from exc
 
     # -- boot snapshots --------------------------------------------------------------------
@@ -554,10 +553,18 @@ class VirtualMachine:
             poll=READY_POLL,
         )
 
-    def _start_error(self, what: str) -> InstanceStartError:
-        error = InstanceStartError(
+    def _start_error(
+        self,
+        what: str,
+        error_class: Callable[..., InstanceStartError] = InstanceStartError,
+        **fields: Any,
+    ) -> InstanceStartError:
+        """The start error of this VM (of ``error_class``, made with ``fields``): what went
+        wrong, with QEMU's exit code and output and the console tail as notes."""
+        error = error_class(
             f"VM {self.name} (image {self.spec.image}, init={self.spec.init}, "
-            f"accel={self.accel.name}): {what}"
+            f"accel={self.accel.name}): {what}",
+            **fields,
         )
         if self._qemu is not None:
             if not self._qemu.alive():
