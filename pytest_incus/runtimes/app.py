@@ -32,12 +32,8 @@ from pytest_incus.images.rootfs import inside
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.runtimes import process
 from pytest_incus.runtimes.container import (
-    ID_BASE,
     Container,
     ContainerRuntime,
-    _hook_path,
-    check_reachable,
-    unprivileged_unavailable,
 )
 from pytest_incus.spec import InstanceSpec
 from pytest_incus.values import ExecRequest, ExecResult
@@ -73,14 +69,12 @@ class AppRuntime(ContainerRuntime):
 
     def create(self, spec: InstanceSpec, name: str, directory: Path, images: ImageStore) -> App:
         """Fetch (or find) the image and prepare the app's overlay and LXC config."""
-        if not spec.privileged and (reason := unprivileged_unavailable()):
-            raise InstanceStartError(reason)
-        image = images.get(spec.image, "app")
-        lower = image if spec.privileged else images.shifted(image, ID_BASE)
-        hook = _hook_path(images.settings.cache_dir)
-        app = App(spec, name, directory, lower, hook)
-        check_reachable(spec, name, {"image": lower.rootfs, "directory": directory, "hook": hook})
-        return app
+        lower, hook = self.prepare(spec, name, directory, images)
+        return App(spec, name, directory, lower, hook)
+
+    def check_image(self, name: str, image: Image, lower: Image, images: ImageStore) -> None:
+        """Nothing to check: an app runs its own program, not the image's /sbin/init (whether
+        the image has that program, ``App`` checks)."""
 
 
 def _ids(rootfs: Path, user: str) -> tuple[int, int]:

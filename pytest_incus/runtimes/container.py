@@ -232,10 +232,26 @@ class ContainerRuntime:
         self, spec: InstanceSpec, name: str, directory: Path, images: ImageStore
     ) -> Container:
         """Prepare the overlay and LXC config of a new container."""
+        lower, hook = self.prepare(spec, name, directory, images)
+        return Container(spec, name, directory, lower, hook)
+
+    def prepare(
+        self, spec: InstanceSpec, name: str, directory: Path, images: ImageStore
+    ) -> tuple[Image, Path]:
+        """What a new instance of this kind is made of, checked before anything is written:
+        the image layer its overlay goes on (uid-shifted for unprivileged instances) and the
+        rootfs check hook."""
         if not spec.privileged and (reason := unprivileged_unavailable()):
             raise InstanceStartError(reason)
-        image = images.get(spec.image, "container")
+        image = images.get(spec.image, self.kind)
         lower = image if spec.privileged else images.shifted(image, ID_BASE)
+        self.check_image(name, image, lower, images)
+        hook = _hook_path(images.settings.cache_dir)
+        check_reachable(spec, name, {"image": lower.rootfs, "directory": directory, "hook": hook})
+        return lower, hook
+
+    def check_image(self, name: str, image: Image, lower: Image, images: ImageStore) -> None:
+        """InstanceStartError for a cached image that cannot boot: an init cut short."""
         if problem := rootfs.init_damage(lower.rootfs):
             # a copy cut short (a full disk, a killed build) boots as "Exec format error"
             raise InstanceStartError(
@@ -243,10 +259,6 @@ class ContainerRuntime:
                 f"{lower.rootfs}; remove it, and the next launch builds it again: "
                 + images.settings.command(f"images prune {image.ref}")
             )
-        hook = _hook_path(images.settings.cache_dir)
-        container = Container(spec, name, directory, lower, hook)
-        check_reachable(spec, name, {"image": lower.rootfs, "directory": directory, "hook": hook})
-        return container
 
     def reap(self, name: str, directory: Path) -> None:
         """Kill what is left of container ``name`` and remove its cgroups."""
