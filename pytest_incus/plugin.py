@@ -320,7 +320,4 @@ def fixture_instances(item: pytest.Item) -> Iterator[Instance]:
 
 def shell_hint(inst: Instance, settings: Settings) -> str:
     """The line that tells how to get a shell in a kept instance."""
-    cache = (
-        "" if settings.cache_dir == default_cache_dir() else f"--cache-dir {settings.cache_dir} "
-    )
-    return f"instance {inst.name} is kept: pytest-incus {cache}shell {inst.name}"
+    return f"instance {inst.name} is kept: {settings.command(f'shell {inst.name}')}"
