@@ -210,7 +210,7 @@ class Instance:
             env={**self.spec.env, **_env(asked, env)},
             cwd=_optional(asked, "cwd", cwd, str, "a directory inside the instance"),
             user=_user(asked, user),
-            input=_input(asked, input),
+            input=None if input is None else _bytes(asked, "input", input),
             timeout=_limit(asked, self._exec_timeout if timeout is None else timeout),
         )
         with self._running(asked):
@@ -315,10 +315,10 @@ class Instance:
         __tracebackhide__ = True
         asked = f"write_file({path!r})"
         _path(asked, path)
-        raw = _input(asked, data, "data")
+        raw = _bytes(asked, "data", data)
         bits = _optional(asked, "mode", mode, int, "permission bits such as 0o644")
         with self._running(asked):
-            self.machine.write_file(path, raw or b"", 0o644 if bits is None else bits)
+            self.machine.write_file(path, raw, 0o644 if bits is None else bits)
 
     @_uses
     def read_file(self, path: str) -> bytes:
@@ -444,8 +444,8 @@ def _user(asked: str, user: object) -> str | int | None:
     raise _wrong(asked, "user", user, "a user name or a uid (an int, 0 or more)")
 
 
-def _input(asked: str, data: object, name: str = "input") -> bytes | None:
-    if (data is None and name == "input") or isinstance(data, bytes):
+def _bytes(asked: str, name: str, data: object) -> bytes:
+    if isinstance(data, bytes):
         return data
     if isinstance(data, str):
         return data.encode()
