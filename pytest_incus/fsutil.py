@@ -23,15 +23,25 @@ def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape") if "\\" in field else field
 
 
+def mount_table() -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount in this mount namespace, in the order of
+    ``/proc/self/mountinfo``."""
+    table = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            table.append((_unescape(fields[4]), fields[fields.index("-") + 1]))
+    return table
+
+
 def mounts_below(path: Path) -> list[Path]:
     """Mount points at or below ``path`` in this mount namespace, deepest first."""
     prefix = str(path.resolve())
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = _unescape(line.split()[4])
-            if point == prefix or point.startswith(prefix + "/"):
-                found.append(Path(point))
+    found = [
+        Path(point)
+        for point, _ in mount_table()
+        if point == prefix or point.startswith(prefix + "/")
+    ]
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 

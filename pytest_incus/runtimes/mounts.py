@@ -275,11 +275,8 @@ def _fstype(path: Path) -> str:
     """The type of the filesystem ``path`` is on, from this namespace's mount table."""
     best, fstype = "", "unknown"
     target = str(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            point = fields[4]
-            inside = target == point or target.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best):
-                best, fstype = point, fields[fields.index("-") + 1]
+    for point, kind in fsutil.mount_table():
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, kind
     return fstype
