@@ -49,8 +49,7 @@ def test_auto_choice_from_a_clean_verdict_always_gives_a_ready_vm(
     outcomes = []
     for _ in range(ATTEMPTS):
         _clear(settings)
-        messages: list[str] = []
-        factory = InstanceFactory(settings, ImageStore(settings, progress=messages.append))
+        factory = InstanceFactory(settings, ImageStore(settings))
         started = time.monotonic()
         try:
             vm = factory.launch(kind="vm", image="debian/12", init="agent", boot_timeout=300)
