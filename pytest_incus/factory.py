@@ -68,6 +68,7 @@ class InstanceFactory:
 
     def launch_spec(self, spec: InstanceSpec) -> Instance:
         """Launch the instance ``spec`` describes (already checked)."""
+        spec = spec.with_defaults(max_processes=self.settings.max_processes)
         runtime = get_runtime(spec.kind)
         reason = runtime.unavailable()
         if reason:

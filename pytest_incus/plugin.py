@@ -20,6 +20,7 @@ from pytest_incus.settings import (
     DEFAULT_EXEC_TIMEOUT,
     DEFAULT_IMAGE,
     DEFAULT_KIND,
+    DEFAULT_MAX_PROCESSES,
     DEFAULT_MIRROR,
     KEEP_CHOICES,
     Settings,
@@ -38,7 +39,7 @@ SHOWN = pytest.StashKey[set[str]]()  # kept instances a test's report already na
 MARKER_HELP = (
     "instance(kind='container', image=<incus_default_image>, **options): the instance that the "
     "`instance` fixture launches; lists for kind and image parametrize the test. Options: cpus, "
-    "memory, privileged, env, network, mounts, kernel, initrd, kernel_args, init, command, "
+    "memory, privileged, env, network, mounts, processes, kernel, initrd, kernel_args, init, command, "
     "boot_timeout, name."
 )
 
@@ -111,6 +112,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         f"default exec timeout in seconds, 0 for none ({DEFAULT_EXEC_TIMEOUT:g})",
         default=str(DEFAULT_EXEC_TIMEOUT),
     )
+    parser.addini(
+        "incus_max_processes",
+        f"the most processes a container or app may have, unless its processes= option says "
+        f"otherwise ({DEFAULT_MAX_PROCESSES})",
+        default=str(DEFAULT_MAX_PROCESSES),
+    )
     parser.addini("incus_keep", "ini form of --incus-keep", default="never")
     parser.addini("incus_cache_dir", "ini form of --incus-cache-dir", default="")
     parser.addini("incus_mirror", "ini form of --incus-mirror", default=DEFAULT_MIRROR)
@@ -146,10 +153,18 @@ def _settings(config: pytest.Config) -> Settings:
             f"incus_exec_timeout = {config.getini('incus_exec_timeout')!r} "
             "is not a number of seconds"
         ) from None
+    try:
+        max_processes = int(config.getini("incus_max_processes"))
+    except ValueError:
+        raise ConfigError(
+            f"incus_max_processes = {config.getini('incus_max_processes')!r} is not a whole "
+            f"number of processes (default {DEFAULT_MAX_PROCESSES})"
+        ) from None
     return Settings(
         cache_dir=Path(cache).expanduser().absolute() if cache else default_cache_dir(),
         mirror=option("incus_mirror", "incus_mirror"),
         exec_timeout=timeout,
+        max_processes=max_processes,
         default_image=config.getini("incus_default_image"),
         default_kind=config.getini("incus_default_kind"),
         keep=option("incus_keep", "incus_keep"),

@@ -12,6 +12,13 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_IMAGE = "debian/12"
 DEFAULT_KIND = "container"
 DEFAULT_EXEC_TIMEOUT = 600.0
+# The most processes (threads count too: the kernel's pids controller counts tasks) a container
+# or app may have unless its `processes` option says otherwise. A debian/12 container under
+# systemd runs some tens, a test suite that builds software a few hundred: 1024 leaves room for
+# those, while a fork bomb stops at it within milliseconds, and even sixteen instances that
+# each reach it stay under half of the smallest common pid_max (32768). A fixed number rather
+# than a share of this host's pid_max, so that a test that passes here behaves the same on CI.
+DEFAULT_MAX_PROCESSES = 1024
 KEEP_CHOICES = ("never", "failed", "always")
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
 CACHE_ENV = "PYTEST_INCUS_CACHE_DIR"
@@ -33,6 +40,7 @@ class Settings:
     cache_dir: Path
     mirror: str = DEFAULT_MIRROR
     exec_timeout: float = DEFAULT_EXEC_TIMEOUT
+    max_processes: int = DEFAULT_MAX_PROCESSES  # per container or app (its `processes`)
     default_image: str = DEFAULT_IMAGE
     default_kind: str = DEFAULT_KIND
     keep: str = "never"
@@ -52,6 +60,15 @@ class Settings:
             raise ConfigError(
                 f"incus_exec_timeout = {self.exec_timeout:g} is not a number of seconds; give 0 "
                 "or more (0 for no limit)"
+            )
+        if (
+            not isinstance(self.max_processes, int)
+            or isinstance(self.max_processes, bool)
+            or self.max_processes < 1
+        ):
+            raise ConfigError(
+                f"incus_max_processes = {self.max_processes!r}; give a whole number of "
+                f"processes, at least 1 (default {DEFAULT_MAX_PROCESSES})"
             )
         if self.keep not in KEEP_CHOICES:
             raise ConfigError(f"--incus-keep={self.keep!r}; use one of {', '.join(KEEP_CHOICES)}")

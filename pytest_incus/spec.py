@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ _OPTIONS: dict[str, tuple[tuple[type, ...], tuple[str, ...], str]] = {
     "env": ((dict,), KINDS, "a dict of str to str"),
     "network": ((str,), KINDS, '"none" or "bridged"'),
     "mounts": ((dict,), ("container", "app"), "a dict of host path to instance path"),
+    "processes": ((int,), ("container", "app"), "a positive int"),
     "kernel": ((str, Path), ("vm",), "a path to a kernel image"),
     "initrd": ((str, Path), ("vm",), "a path to an initrd"),
     "kernel_args": ((str,), ("vm",), "a str"),
@@ -84,6 +85,7 @@ class InstanceSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     network: str = "none"
     mounts: Mapping[str, str] = field(default_factory=dict)
+    processes: int | None = None  # None: the run's default (with_defaults)
     kernel: str | None = None
     initrd: str | None = None
     kernel_args: str = ""
@@ -121,8 +123,9 @@ class InstanceSpec:
                     f"option {key}= does not apply to kind={kind!r} (only to {', '.join(kinds)})"
                 )
             values[key] = value
-        if "cpus" in values and values["cpus"] < 1:
-            raise bad(f"option cpus={values['cpus']!r} must be at least 1")
+        for key in ("cpus", "processes"):
+            if key in values and values[key] < 1:
+                raise bad(f"option {key}={values[key]!r} must be at least 1")
         if "memory" in values:
             try:
                 values["memory"] = parse_memory(values["memory"])
@@ -158,3 +161,10 @@ class InstanceSpec:
             if key in values:
                 values[key] = str(values[key])
         return cls(kind=kind, image=image, **values)
+
+    def with_defaults(self, *, max_processes: int) -> InstanceSpec:
+        """This spec with the run's defaults filled in where the options left them open:
+        ``processes`` (for the kinds it applies to) from ini ``incus_max_processes``."""
+        if self.processes is None and self.kind in _OPTIONS["processes"][1]:
+            return replace(self, processes=max_processes)
+        return self

@@ -91,6 +91,18 @@ def candidate_parents(recorded: list[str]) -> list[Path]:
     return list(seen.values())
 
 
+def payload(name: str, recorded: list[str], controller: str) -> Path | None:
+    """The cgroup directory of running container ``name`` in the hierarchy that holds
+    ``controller`` (where its limits of that controller are), or None."""
+    mounts = [h.mount for h in hierarchies() if controller in h.controllers]
+    for parent in candidate_parents(recorded):
+        if any(parent == mount or mount in parent.parents for mount in mounts):
+            path = parent / f"lxc.payload.{name}"
+            if path.is_dir():
+                return path
+    return None
+
+
 def _rmdir_tree(path: Path, deadline: float) -> bool:
     for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
         _rmdir_tree(child, deadline)

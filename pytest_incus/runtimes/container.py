@@ -188,6 +188,18 @@ def write_config(
         if key is None:
             raise InstanceStartError("memory=: this host has no memory cgroup")
         lines.append(f"{key} = {spec.memory}")
+    if spec.processes is not None:
+        # without it a fork bomb inside fills the host's process table (pids.max is "max")
+        key = cgroups.config_key("pids", "pids.max", "pids.max")
+        if key is None:
+            raise InstanceStartError(
+                f"processes={spec.processes}: this host has no pids cgroup controller, so the "
+                "number of processes of a container cannot be limited (and a fork bomb inside "
+                "would fill the host's process table); enable it: a kernel with "
+                "CONFIG_CGROUP_PIDS, and the pids controller mounted (cgroup v1) or enabled "
+                "(cgroup v2)"
+            )
+        lines.append(f"{key} = {spec.processes}")
     # the staging paths, which the host mounts at each start (runtimes/mounts.py)
     lines += [entry.config_line() for entry in staged]
     lines += extra

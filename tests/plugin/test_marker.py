@@ -27,6 +27,12 @@ from plugin_helpers import INNER_HEADER, InnerInstances
             "image 'nosuch/1' is not a name pytest-incus knows (busybox, debian/<release>",
         ),
         ('image="busybox", memory="1MiB"', "too little for a container: give at least 32MiB"),
+        ('image="busybox", processes=0', "option processes=0 must be at least 1"),
+        ('image="busybox", processes="many"', "option processes='many' has the wrong type"),
+        (
+            'kind="vm", image="debian/12", processes=64',
+            "option processes= does not apply to kind='vm' (only to container, app)",
+        ),
     ],
 )
 def test_bad_marker_stops_the_run_with_one_line(

@@ -62,6 +62,8 @@ def test_image_must_be_a_non_empty_str(image: Any) -> None:
         ("network", None),
         ("boot_timeout", "10"),
         ("name", 7),
+        ("processes", "64"),
+        ("processes", 64.0),
     ],
 )
 def test_wrong_type(option: str, value: Any) -> None:
@@ -69,7 +71,7 @@ def test_wrong_type(option: str, value: Any) -> None:
         parse(**{option: value})
 
 
-@pytest.mark.parametrize("option", ["cpus", "memory", "boot_timeout"])
+@pytest.mark.parametrize("option", ["cpus", "memory", "boot_timeout", "processes"])
 def test_a_bool_is_not_a_number(option: str) -> None:
     with pytest.raises(ConfigError, match=rf"option {option}=True has the wrong type"):
         parse(**{option: True})
@@ -82,6 +84,25 @@ def test_option_of_another_kind() -> None:
         parse(command=["sh"])
     with pytest.raises(ConfigError, match=r"option privileged= does not apply to kind='vm'"):
         parse(kind="vm", privileged=True)
+    # a VM's guest has its own kernel and process table: the host's pids cgroup is not its
+    with pytest.raises(
+        ConfigError, match=r"^test_x: option processes= does not apply to kind='vm'"
+    ):
+        parse(kind="vm", processes=64)
+
+
+@pytest.mark.parametrize("value", [0, -1, -1024])
+def test_processes_must_be_positive(value: int) -> None:
+    with pytest.raises(ConfigError, match=rf"^test_x: option processes={value} must be at least 1"):
+        parse(processes=value)
+
+
+def test_processes_default_comes_from_the_run() -> None:
+    assert parse().processes is None
+    assert parse().with_defaults(max_processes=500).processes == 500
+    assert parse(processes=64).with_defaults(max_processes=500).processes == 64
+    assert parse(kind="app", image="oci:/x:y").with_defaults(max_processes=500).processes == 500
+    assert parse(kind="vm", image="debian/12").with_defaults(max_processes=500).processes is None
 
 
 def test_options_of_their_kind_are_kept() -> None:
