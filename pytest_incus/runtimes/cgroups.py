@@ -103,6 +103,27 @@ def payload(name: str, recorded: list[str], controller: str) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class Processes:
+    """What the pids controller says of one cgroup."""
+
+    current: int
+    limit: int | None  # None: no limit ("max")
+    refused: int  # forks refused at the limit so far (pids.events "max")
+
+
+def processes(cgroup: Path) -> Processes | None:
+    """The process count and limit of ``cgroup`` (in the pids hierarchy), or None if it is
+    gone."""
+    try:
+        current = int((cgroup / "pids.current").read_text())
+        limit = (cgroup / "pids.max").read_text().strip()
+        events = dict(line.split() for line in (cgroup / "pids.events").read_text().splitlines())
+    except (OSError, ValueError):
+        return None
+    return Processes(current, None if limit == "max" else int(limit), int(events.get("max", 0)))
+
+
 def _rmdir_tree(path: Path, deadline: float) -> bool:
     for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
         _rmdir_tree(child, deadline)

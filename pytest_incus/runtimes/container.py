@@ -489,10 +489,21 @@ class Container:
             "cwd": request.cwd,
             "user": request.user,
         }
-        outcome = self._server.request(message, request.input, request.timeout)
+        try:
+            outcome = self._server.request(message, request.input, request.timeout)
+        except IncusError as exc:  # a new exec server could not be attached
+            if note := self._at_process_limit():
+                exc.add_note(note)
+            raise
         duration = time.monotonic() - started
         if error := outcome.error:
             where = f"container {self.name}"
+            if error["kind"] == "fork":
+                raise IncusError(
+                    f"{self.spec.kind} {self.name}: cannot start {argv!r}: no new process can "
+                    f"be made in it ({error['message']}); "
+                    + (self._at_process_limit() or "the host refused it")
+                )
             raise setup_error(
                 where,
                 argv,
@@ -512,6 +523,20 @@ class Container:
                 duration=duration,
             )
         return ExecResult(outcome.exit_code, outcome.stdout, outcome.stderr, duration)
+
+    def _at_process_limit(self) -> str | None:
+        """What to say if the container has reached its process limit (the pids cgroup has
+        refused a fork), or None."""
+        cgroup = cgroups.payload(self.name, _recorded_cgroups(self.directory), "pids")
+        state = cgroups.processes(cgroup) if cgroup is not None else None
+        if state is None or state.limit is None or not state.refused:
+            return None
+        return (
+            f"it has reached its process limit of {state.limit} (processes={state.limit}; "
+            f"{state.current} now, {state.refused} forks refused so far). Wait for some of "
+            "its processes to end (a runaway command is killed with its descendants at its "
+            "exec timeout), or give it more: processes= (ini incus_max_processes)"
+        )
 
     def _operation(self, name: str, *args: Any, data: bytes | None = None) -> bytes:
         outcome = self._server.request({"op": name, "args": args}, data)

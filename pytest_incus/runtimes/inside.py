@@ -20,6 +20,7 @@ guest agent's own (``guest_agent``, standard library only), so they mean the sam
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import hashlib  # noqa: F401  (used lazily by guest_agent.files: imported before attaching)
 import io  # noqa: F401  (the same)
@@ -268,6 +269,10 @@ class _Server:
                 extra_groups=who.groups if switch else None,
             )
         except OSError as exc:
+            if exc.errno == errno.EAGAIN:  # no new process allowed: the host says why
+                _send(reply, _error("fork", exc.strerror or str(exc), exc.errno))
+                reply.close()
+                return
             code, message = not_runnable(argv[0], exc)
             with contextlib.suppress(OSError):
                 os.write(stdio[2], message)

@@ -145,6 +145,38 @@ def test_a_fork_bomb_stays_under_the_limit(instance: Instance) -> None:
     assert instance.exec("echo alive", timeout=30).stdout == "alive\n"
 
 
+def test_exec_at_the_limit_says_so(instance_factory: InstanceFactory, settings: Settings) -> None:
+    inst = instance_factory.launch(image="debian/12", processes=BOMB_LIMIT, memory="256MiB", cpus=1)
+    name = inst.name
+    try:
+        assert pids_max(inst) == BOMB_LIMIT
+        directory = pids_dir(inst)
+        # a bomb of no exec's: it holds the container at its limit until the container stops
+        started = inst.exec(
+            f"setsid bash -c '{BOMB}' </dev/null >/dev/null 2>&1 & echo started", timeout=10
+        )
+        assert started.stdout == "started\n", started
+        wait_until(
+            lambda: int((directory / "pids.current").read_text()) >= BOMB_LIMIT,
+            10,
+            "the bomb to reach the limit",
+        )
+        # the exec server cannot fork the command: an error that says why, not exit 126
+        with pytest.raises(IncusError, match=f"process limit of {BOMB_LIMIT}") as info:
+            inst.exec("echo hi", timeout=10)
+        assert "processes=" in str(info.value) and "incus_max_processes" in str(info.value)
+        assert not isinstance(info.value, ExecTimeoutError)
+        # nor can liblxc attach a new exec server (after the old one ended): a note says why
+        inst.machine._server.close()
+        with pytest.raises(IncusError) as info:
+            inst.exec("echo hi", timeout=10)
+        notes = "\n".join(getattr(info.value, "__notes__", []))
+        assert f"process limit of {BOMB_LIMIT}" in notes, info.value
+    finally:
+        inst.delete()  # stops the container, and the bomb with it
+    assert_nothing_left(settings, name)
+
+
 @pytest.fixture(scope="module")
 def busybox_app(image_store: ImageStore) -> Iterator[str]:
     """An OCI busybox image (its reference) whose program waits, to exec in while it runs."""
