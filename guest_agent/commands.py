@@ -171,7 +171,7 @@ class Agent:
             # mostly an argument of the wrong type or range; where it was raised tells a
             # caller's mistake from a bug of ours
             return _error(f"{name}: bad arguments: {_described(exc, log=False)}")
-        except Exception as exc:  # a bug of ours must not take the agent down
+        except (Exception, SystemExit) as exc:  # a bug of ours must not take the agent down
             return _error(f"{name} failed: {_described(exc)}")
         if name in NO_REPLY:
             return None

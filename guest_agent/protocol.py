@@ -113,6 +113,9 @@ class Decoder:
         """Consume ``data`` from ``pos`` inside a message; returns where it stopped."""
         while pos < len(data):
             if self._escape:
+                if data[pos] == RESET:  # never part of a message, not even escaped
+                    self._reset()
+                    return pos + 1
                 self._escape = False
                 self._take(data, pos, pos + 1)
                 pos += 1

@@ -332,3 +332,9 @@ def test_wrong_argument_types_name_the_command_and_where(wire: Wire) -> None:
     desc = error_of(wire.call("pti-stat", path="\ud800"))  # a lone surrogate: not a path
     assert desc.startswith("pti-stat: bad arguments: UnicodeEncodeError") and ".py:" in desc
     assert wire.call("guest-ping") == {"return": {}}
+
+
+def test_0xff_after_a_backslash_still_discards_the_half_sent_message(wire: Wire) -> None:
+    wire.send(b'{"execute": "guest-sync", "arguments": {"id": "cut after \\')
+    wire.send(b'\xff{"execute": "guest-sync-delimited", "arguments": {"id": 8}}')
+    assert wire.line() == b'\xff{"return":8}'
