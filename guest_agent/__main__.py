@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from guest_agent import commands, protocol
+from guest_agent import commands, init, protocol
 
 USAGE = (
     "usage: python3 -m guest_agent [--path DEV | --unix-listen PATH] [--block-rpcs a,b] [--init]"
@@ -50,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     options = parse(sys.argv[1:] if argv is None else argv)
     init_mode = bool(options["init"])
     if init_mode:
-        from guest_agent import init
-
         init.setup()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished host must not kill us
     blocked = [n.strip() for n in str(options.get("block-rpcs", "")).split(",") if n.strip()]
@@ -61,16 +59,34 @@ def main(argv: list[str] | None = None) -> int:
         channel = protocol.UnixChannel(str(options["unix-listen"]))
     else:
         channel = protocol.SerialChannel(str(options.get("path") or protocol.find_port()))
-    for request in protocol.requests(channel, protocol.Decoder()):
-        reply = agent.handle(request)
-        if reply is not None:
-            delimited = isinstance(request, dict) and (
-                request.get("execute") == "guest-sync-delimited"
-            )
-            channel.write(protocol.encode(reply, delimited))
-        if init_mode:
-            init.reap_orphans(commands.running_pids)
+    serve(channel, agent)
     return 0
+
+
+def serve(channel: protocol.Channel, agent: commands.Agent) -> None:
+    """Answer every request from ``channel``, forever. Nothing a host sends may end this
+    loop (in init mode it is PID 1, and the guest powers off when it returns): the agent
+    turns every request into a reply, and an exception in the loop itself (a bug, a channel
+    that fails) is written to stderr, the half-read message dropped, and serving goes on."""
+    last_failure = 0.0
+    while True:
+        try:
+            for request in protocol.requests(channel, protocol.Decoder()):
+                data = agent.answer(request)
+                if data is not None:
+                    channel.write(data)
+                if agent.init_mode:
+                    init.reap_orphans(commands.running_pids)
+        except Exception:
+            import contextlib
+            import time
+            import traceback
+
+            with contextlib.suppress(Exception):  # a closed stderr must not end the loop
+                traceback.print_exc()
+            if time.monotonic() - last_failure < 1.0:
+                time.sleep(0.1)  # failing again at once: do not spin the guest's CPU
+            last_failure = time.monotonic()
 
 
 if __name__ == "__main__":

@@ -95,6 +95,8 @@ def working_dir(user: User, cwd: str | None) -> str:
     """``cwd``, or the user's home (``/`` if it has none); CommandError with the errno that
     chdir would give (ENOENT, ENOTDIR) if ``cwd`` is not a directory."""
     if cwd is not None:
+        if not isinstance(cwd, str):  # os.stat would take an int for a file descriptor
+            raise CommandError(f"cwd must be a string, not {cwd!r}")
         try:
             is_dir = stat.S_ISDIR(os.stat(cwd).st_mode)
         except OSError as exc:

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAX_MESSAGE = 64 << 20  # bytes per request; larger ones get an error reply and are skipped
+# Levels of nesting per request; deeper ones get an error reply and are skipped. qemu-ga allows
+# 1024, but Python's json module recurses once per level and the interpreter stops at 1000
+# frames: a RecursionError there would be a crash, not a reply. Our requests nest 3 deep.
+MAX_NESTING = 512
 PORT_NAME = "org.qemu.guest_agent.0"
 RESET = 0xFF
 _IDLE_WAIT = 1.0  # seconds between looks at a port with no host; SIGIO wakes us sooner
@@ -54,14 +58,16 @@ class Decoder:
     Scans with regular expressions, not byte by byte: a request may carry tens of MiB of
     base64, and the agent may run under TCG."""
 
-    def __init__(self, limit: int = MAX_MESSAGE) -> None:
+    def __init__(self, limit: int = MAX_MESSAGE, nesting: int = MAX_NESTING) -> None:
         self.limit = limit
+        self.nesting = nesting
         self._reset()
 
     def _reset(self) -> None:
         self._buf = bytearray()  # the message so far (dropped once it is oversized)
         self._size = 0
         self._depth = 0
+        self._max_depth = 0
         self._in_string = False
         self._escape = False
         self._junk = False
@@ -107,6 +113,9 @@ class Decoder:
         """Consume ``data`` from ``pos`` inside a message; returns where it stopped."""
         while pos < len(data):
             if self._escape:
+                if data[pos] == RESET:  # never part of a message, not even escaped
+                    self._reset()
+                    return pos + 1
                 self._escape = False
                 self._take(data, pos, pos + 1)
                 pos += 1
@@ -132,6 +141,10 @@ class Decoder:
                 self._in_string = True
             elif byte in (0x7B, 0x5B):
                 self._depth += 1
+                if self._depth > self._max_depth:
+                    self._max_depth = self._depth
+                    if self._depth > self.nesting:
+                        self._buf = bytearray()  # skipped like an oversized one: keep nothing
             else:
                 self._depth -= 1
                 if self._depth == 0:
@@ -141,33 +154,76 @@ class Decoder:
 
     def _take(self, data: bytes, start: int, end: int) -> None:
         self._size += end - start
-        if self._size <= self.limit:
+        if self._size <= self.limit and self._max_depth <= self.nesting:
             self._buf += data[start:end]
         elif self._buf:
             self._buf = bytearray()
 
     def _complete(self) -> Request:
-        if self._size > self.limit:
-            size = self._size
-            self._reset()
+        size, depth = self._size, self._max_depth
+        text = bytes(self._buf)
+        self._reset()
+        if size > self.limit:
             return FramingError(
                 f"message of {size} bytes is larger than the agent's limit of "
                 f"{self.limit} bytes; skipped"
             )
-        text = bytes(self._buf)
-        self._reset()
-        try:
-            message = json.loads(text)
-        except ValueError as exc:
-            return FramingError(f"malformed JSON: {exc}")
-        if not isinstance(message, dict):
-            return FramingError("expected a JSON object")
-        return message
+        if depth > self.nesting:
+            return FramingError(
+                f"message nested {depth} levels deep, deeper than the agent's limit of "
+                f"{self.nesting}; skipped"
+            )
+        return parse(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"duplicate key {key!r}")
+        found[key] = value
+    return found
+
+
+def parse(text: bytes) -> Request:
+    """One complete JSON text as a request (a dict), or the FramingError that says why not.
+
+    Stricter than ``json.loads``, as qemu-ga's parser is: UTF-8 only, no NaN or Infinity, no
+    number that overflows a double, no duplicate keys; and it never raises (a RecursionError
+    or MemoryError is a reply too)."""
+    try:
+        message = json.loads(
+            text.decode("utf-8"),
+            parse_constant=_no_constant,
+            parse_float=_finite,
+            object_pairs_hook=_unique_keys,
+        )
+    except UnicodeDecodeError as exc:
+        return FramingError(f"malformed JSON: not UTF-8: {exc}")
+    except ValueError as exc:  # also int() of more than sys.get_int_max_str_digits() digits
+        return FramingError(f"malformed JSON: {exc}")
+    except (RecursionError, MemoryError) as exc:
+        return FramingError(f"malformed JSON: {type(exc).__name__}: {exc}")
+    if not isinstance(message, dict):
+        return FramingError("expected a JSON object")
+    return message
 
 
 def encode(reply: Any, delimited: bool = False) -> bytes:
-    """A reply as the wire carries it: JSON and a newline, after 0xFF for sync-delimited."""
-    data = json.dumps(reply, separators=(",", ":")).encode() + b"\n"
+    """A reply as the wire carries it: JSON and a newline, after 0xFF for sync-delimited.
+    Strict JSON: a NaN or Infinity raises ValueError rather than reach the host."""
+    data = json.dumps(reply, separators=(",", ":"), allow_nan=False).encode() + b"\n"
     return b"\xff" + data if delimited else data
 
 

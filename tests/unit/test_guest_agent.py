@@ -109,10 +109,15 @@ def wire(agent_socket: Path) -> Iterator[Wire]:
     w.close()
 
 
-def error_of(reply: dict[str, Any]) -> str:
-    assert reply["error"]["class"] == "GenericError", reply
+def error_of(reply: dict[str, Any], error_class: str = "GenericError") -> str:
+    assert reply["error"]["class"] == error_class, reply
     desc: str = reply["error"]["desc"]
     return desc
+
+
+def not_found(reply: dict[str, Any]) -> str:
+    """The desc of a CommandNotFound reply (qemu-ga's class for unknown and disabled)."""
+    return error_of(reply, "CommandNotFound")
 
 
 def test_sync_delimited_reply_starts_with_0xff(wire: Wire) -> None:
@@ -152,7 +157,7 @@ def test_0xff_discards_a_half_sent_message(wire: Wire) -> None:
 
 
 def test_unknown_command_and_bad_arguments(wire: Wire) -> None:
-    assert "has not been found" in error_of(wire.call("guest-no-such-thing"))
+    assert "has not been found" in not_found(wire.call("guest-no-such-thing"))
     assert "execute" in error_of(wire.call_raw(b'{"arguments": {}}'))
     assert "pid" in error_of(wire.call("guest-exec-status", pid="not a pid"))
     assert "missing argument" in error_of(wire.call("guest-exec-status"))
@@ -173,7 +178,7 @@ def test_oversized_message_gets_an_error_and_is_skipped(wire: Wire) -> None:
 
 
 def test_blocked_rpcs_refuse_and_show_disabled(wire: Wire) -> None:
-    assert "disabled" in error_of(wire.call("guest-shutdown", mode="powerdown"))
+    assert "disabled" in not_found(wire.call("guest-shutdown", mode="powerdown"))
     commands = {c["name"]: c for c in wire.call("guest-info")["return"]["supported_commands"]}
     assert commands["guest-shutdown"]["enabled"] is False
     assert commands["guest-exec"]["enabled"] is True
@@ -259,3 +264,77 @@ def test_pti_exec_in_one_round_trip(wire: Wire) -> None:
 def test_id_is_echoed(wire: Wire) -> None:
     wire.send(b'{"execute": "guest-ping", "id": "abc"}')
     assert wire.reply() == {"return": {}, "id": "abc"}
+
+
+NESTED = b'{"execute":"guest-ping","arguments":{"x":' + b"[" * 200000 + b"]" * 200000 + b"}}"
+
+
+def test_deeply_nested_json_gets_an_error_and_the_agent_lives(wire: Wire) -> None:
+    wire.send(NESTED)
+    assert "nested 200002 levels deep" in error_of(wire.reply())
+    wire.send(b'{"execute":"guest-ping","arguments":{"x":' + b"[" * 200000)  # never closed
+    wire.send(b'\xff{"execute": "guest-sync-delimited", "arguments": {"id": 6}}')
+    assert wire.line() == b'\xff{"return":6}'
+    assert wire.call("guest-ping") == {"return": {}}
+
+
+@pytest.mark.parametrize(
+    ("message", "desc"),
+    [
+        (b'{"execute": "guest-ping", "id": NaN}', "NaN is not JSON"),
+        (b'{"execute": "guest-ping", "id": -Infinity}', "-Infinity is not JSON"),
+        (b'{"execute": "guest-ping", "id": 1e999}', "out of range"),
+        (b'{"execute": "guest-ping", "id": ' + b"7" * 5000 + b"}", "digits"),
+        (b'{"execute": "guest-ping", "execute": "guest-info"}', "duplicate key 'execute'"),
+        (b'{"execute": "guest-ping", "id": "\xc3\x28"}', "not UTF-8"),
+        (b'{"execute": "guest-ping", "id": "\xed\xa0\x80"}', "not UTF-8"),  # a surrogate
+    ],
+    ids=["nan", "infinity", "1e999", "5000-digits", "duplicate-key", "bad-utf8", "surrogate"],
+)
+def test_json_that_qemu_ga_refuses_gets_an_error(wire: Wire, message: bytes, desc: str) -> None:
+    assert desc in error_of(wire.call_raw(message))
+    assert wire.call("guest-ping") == {"return": {}}
+
+
+@pytest.mark.parametrize(
+    ("message", "desc"),
+    [
+        (b'{"execute": 7}', "'execute' must be a string"),
+        (b'{"execute": ["guest-ping"]}', "'execute' must be a string"),
+        (b'{"execute": "guest-ping", "arguments": null}', "'arguments' must be an object"),
+        (b'{"execute": "guest-ping", "arguments": []}', "'arguments' must be an object"),
+        (b'{"execute": "guest-ping", "argument": {}}', "'argument' is unexpected"),
+        (b'{"id": 1}', "lacks member 'execute'"),
+    ],
+)
+def test_requests_of_the_wrong_shape_get_an_error(wire: Wire, message: bytes, desc: str) -> None:
+    assert desc in error_of(wire.call_raw(message))
+
+
+@pytest.mark.parametrize(
+    "raw_id", [b"null", b"0", b"-1.5", b"true", b'"x"', b"[1, [2]]", b'{"a": {"b": null}}']
+)
+def test_an_id_of_any_type_is_echoed_on_success_and_error(wire: Wire, raw_id: bytes) -> None:
+    value = json.loads(raw_id)
+    assert wire.call_raw(b'{"execute": "guest-ping", "id": ' + raw_id + b"}") == {
+        "return": {},
+        "id": value,
+    }
+    failed = wire.call_raw(b'{"execute": "guest-nothing", "id": ' + raw_id + b"}")
+    assert (failed["id"], failed["error"]["class"]) == (value, "CommandNotFound")
+    failed = wire.call_raw(b'{"execute": 1, "id": ' + raw_id + b"}")
+    assert (failed["id"], failed["error"]["class"]) == (value, "GenericError")
+
+
+def test_wrong_argument_types_name_the_command_and_where(wire: Wire) -> None:
+    desc = error_of(wire.call("guest-file-seek", handle="x", offset=[]))
+    assert "handle" in desc
+    desc = error_of(wire.call("pti-stat", path="\ud800"))  # a lone surrogate: not a path
+    assert desc.startswith("pti-stat: bad arguments: UnicodeEncodeError") and ".py:" in desc
+    assert wire.call("guest-ping") == {"return": {}}
+
+
+def test_0xff_after_a_backslash_still_discards_the_half_sent_message(wire: Wire) -> None:
+    wire.send(b'{"execute": "guest-sync", "arguments": {"id": "cut after \\')
+    wire.send(b'\xff{"execute": "guest-sync-delimited", "arguments": {"id": 8}}')
+    assert wire.line() == b'\xff{"return":8}'
