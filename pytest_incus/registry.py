@@ -160,5 +160,5 @@ def leftovers(settings: Settings, name: str) -> list[str]:
         vm = "qemu" in cmdline and f"{directory}/" in cmdline  # a VM's disk and sockets
         if lxc or vm:
             found.append(f"process {pid}: {cmdline}")
-    found += [f"cgroup {p}" for p in cgroups.leftovers(name, [])]
+    found += [f"cgroup {p}" for p in cgroups.leftovers(name)]
     return found
