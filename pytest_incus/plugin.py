@@ -217,6 +217,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     registry.reap(session.config.stash[SETTINGS])
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Reap, once the run's workers are down, what the dead ones among them left (a worker
+    killed by a test, say): a run leaves nothing behind. Instances of live processes (other
+    runs, nested pytest runs) are never touched."""
+    if not hasattr(session.config, "workerinput"):  # the controller, or a run without xdist
+        registry.reap(session.config.stash[SETTINGS])
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Last resort after an interrupted session: delete what is still ours."""
     factory = config.stash.get(FACTORY, None)
