@@ -171,7 +171,7 @@ def leftovers(settings: Settings, name: str) -> list[str]:
         vm = "qemu" in cmdline and f"{directory}/" in cmdline  # a VM's disk and sockets
         if lxc or vm:
             found.append(f"process {pid}: {cmdline}")
-    found += [f"cgroup {p}" for p in cgroups.leftovers(name)]
+    found += [f"cgroup {p}" for p in cgroups.leftovers(name, directory)]
     claim = claims.read(name)
     if claim is not None and claim.directory == directory:
         found.append(f"name claim {claims.claims_dir() / name}")

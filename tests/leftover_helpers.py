@@ -3,8 +3,9 @@ a whole run, for every test that ends instances (delete, reap, a killed worker, 
 
 :func:`leftovers` lists, for one instance name: its registry entry (instance directory with
 its record), mounts below that directory in this mount namespace and overlay or other mounts
-naming it in any process's namespace, liblxc monitor processes, a QEMU or any other process
-naming its directory, cgroups named after it in every hierarchy, and its claim on the name.
+naming it in any process's namespace, its liblxc monitor, a QEMU or any other process naming
+its directory, its cgroups in every hierarchy, and its claim on the name: all of that one
+instance, not of another of the same name in another cache directory.
 :func:`assert_run_left_nothing` checks a whole run's names at once.
 """
 
@@ -68,7 +69,7 @@ def leftovers(settings: Settings, name: str) -> list[str]:
     if registry.read_record(directory) is not None:
         found.append(f"registry entry {directory / registry.RECORD}")
     reported = {item.split()[1].rstrip(":") for item in found if item.startswith("process ")}
-    for process in [*lxc_monitors(name), *host_processes(str(directory))]:
+    for process in host_processes(str(directory)):
         pid = process.split(":")[0]
         if pid not in reported:
             reported.add(pid)

@@ -146,13 +146,11 @@ def _rmdir_tree(path: Path, deadline: float) -> bool:
             time.sleep(0.01)
 
 
-def leftovers(name: str) -> list[Path]:
-    """Every cgroup on this host that is named after a container ``name``, of any cache
-    directory (for checks that nothing is left)."""
-    found = [p for p in legacy_paths(name, []) if p.is_dir()]
-    for parent in candidate_parents([]):
-        found += [p for p in parent.glob(f"{PREFIX}{name}.*") if p.is_dir()]
-    return found
+def leftovers(name: str, directory: Path) -> list[Path]:
+    """The cgroups of container ``name`` in ``directory`` that still exist (under liblxc's
+    own names too, which older versions used)."""
+    found = [*placements(container_dir(name, directory)), *legacy_paths(name, [])]
+    return [p for p in found if p.is_dir()]
 
 
 def remove(paths: list[Path], timeout: float = 5.0) -> list[Path]:

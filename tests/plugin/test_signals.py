@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from leftover_helpers import assert_run_left_nothing, host_processes
-from plugin_helpers import INNER_HEADER, InnerInstances, cache_args, wait_until
+from plugin_helpers import INNER_HEADER, InnerInstances, InnerRun, wait_until
 
 from pytest_incus import registry
 from pytest_incus.settings import Settings
 
 INTERRUPTED = 2  # pytest's ExitCode.INTERRUPTED
-TEARDOWN_DEADLINE = 60.0
 EXECNET_PATIENCE = 5.0  # seconds execnet waits for a worker's test before it sends SIGINT
 
 # Each test holds a container (its `instance`) and a VM, says so with a marker file, and waits
@@ -63,59 +58,10 @@ def test_launch(instance_factory):
 """
 
 
-class Run:
-    """An inner pytest run in a session of its own (so that its process group is only it and
-    its workers), its output in a file."""
-
-    def __init__(self, root: Path, cache: Path, *extra: str) -> None:
-        self.root = root
-        self.log = open(root / "inner.log", "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest", *cache_args(cache), "-q", *extra],
-            cwd=root,
-            stdin=subprocess.DEVNULL,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        """What the run printed so far."""
-        self.log.flush()
-        return (self.root / "inner.log").read_text(errors="replace")
-
-    def wait_for(self, *markers: str, deadline: float = 180) -> None:
-        """Wait until the run's tests have written ``markers`` (it must still run)."""
-
-        def written() -> bool:
-            assert self.proc.poll() is None, f"the inner run ended early:\n{self.output()}"
-            return all((self.root / m).exists() for m in markers)
-
-        wait_until(written, deadline, f"the inner run did not write {markers}")
-
-    def end(self, signum: int, group: bool) -> tuple[int, float]:
-        """Send ``signum`` to the run (its process group, or its main process only) and wait
-        for it to exit: (exit status, seconds it took)."""
-        started = time.monotonic()
-        if group:
-            os.killpg(self.proc.pid, signum)
-        else:
-            os.kill(self.proc.pid, signum)
-        status = self.proc.wait(timeout=TEARDOWN_DEADLINE)
-        return status, time.monotonic() - started
-
-    def stop(self) -> None:
-        """Kill what is left of the run (only if a check failed before it ended)."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        self.log.close()
-
-
 @pytest.fixture
-def runs(pytester: pytest.Pytester, settings: Settings) -> Iterator[list[Run]]:
+def runs(pytester: pytest.Pytester, settings: Settings) -> Iterator[list[InnerRun]]:
     """Inner runs started by the test, killed at the end if still there."""
-    started: list[Run] = []
+    started: list[InnerRun] = []
     yield started
     for run in started:
         run.stop()
@@ -137,14 +83,14 @@ def test_signal_deletes_the_instances_the_run_holds(
     pytester: pytest.Pytester,
     settings: Settings,
     inner_instances: InnerInstances,
-    runs: list[Run],
+    runs: list[InnerRun],
     signum: int,
     workers: int,
     group: bool,
 ) -> None:
     pytester.makepyfile(test_hold=HOLD_MODULE)
     xdist = ["-n", str(workers)] if workers else []
-    run = Run(pytester.path, settings.cache_dir, *xdist, "test_hold.py")
+    run = InnerRun(pytester.path, settings.cache_dir, *xdist, "test_hold.py")
     runs.append(run)
     run.wait_for(*(["ready-a", "ready-b"] if workers else ["ready-a"]))
     names = inner_instances.names()
@@ -163,11 +109,11 @@ def test_signal_deletes_the_instances_the_run_holds(
 
 
 def test_sigterm_during_a_launch_removes_the_half_started_instance(
-    pytester: pytest.Pytester, settings: Settings, runs: list[Run]
+    pytester: pytest.Pytester, settings: Settings, runs: list[InnerRun]
 ) -> None:
     name = f"pti-sigterm-{os.getpid()}"
     pytester.makepyfile(test_launch=LAUNCH_MODULE.format(name=name))
-    run = Run(pytester.path, settings.cache_dir, "--incus-vm-snapshots=off", "test_launch.py")
+    run = InnerRun(pytester.path, settings.cache_dir, "--incus-vm-snapshots=off", "test_launch.py")
     runs.append(run)
     run.wait_for("launching")
     directory = settings.instances_dir / name
