@@ -8,9 +8,9 @@ launch first claims its name here: one file per name in a directory of the host'
 instance directory and owner (pid and start time of the launching process). Claims are made
 and released under one lock, so two launches of one name cannot both win.
 
-A claim is stale, and is taken over, once its instance directory is gone, or its owner is gone
-and the instance is not kept (``--incus-keep``): a killed run's orphan does not block the name
-until it is reaped. Releasing removes only the claim of the instance released, never one that
+A claim is stale, and is taken over, once its owner is gone, unless its instance is kept
+(``--incus-keep``) and still there: a killed run's orphan does not block the name until it is
+reaped. Releasing removes only the claim of the instance released, never one that
 another instance has since taken over.
 """
 
@@ -56,9 +56,9 @@ class Claim:
     @property
     def stale(self) -> bool:
         """True if nothing holds the name any more (see the module docstring)."""
-        if not self.directory.is_dir():
-            return True
-        return not self.kept and (self.owner is None or not self.owner.alive())
+        if self.owner is not None and self.owner.alive():
+            return False  # a live owner holds it (its directory may not be made yet)
+        return not (self.kept and self.directory.is_dir())
 
 
 def _lock() -> filelock.FileLock:
