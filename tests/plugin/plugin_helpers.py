@@ -28,6 +28,29 @@ def record(instance):
 """
 
 
+def hold_module(options: str = "") -> str:
+    """An inner test module whose test launches a busybox container (with the marker options
+    ``options``, say ``name="x"``), says "ready" with its name, then holds it until the outer
+    test creates "release" (or the inner deadline passes), and checks it still works."""
+    marker = ", ".join(['kind="container"', 'image="busybox"', *([options] if options else [])])
+    return (
+        INNER_HEADER
+        + f"""
+HERE = pathlib.Path(__file__).parent
+
+@pytest.mark.instance({marker})
+def test_hold(instance):
+    record(instance)
+    (HERE / "ready").write_text(instance.name)
+    deadline = time.monotonic() + 120
+    while not (HERE / "release").exists():
+        assert time.monotonic() < deadline, "never released"
+        time.sleep(0.05)
+    assert instance.exec("echo still here").stdout == "still here\\n"
+"""
+    )
+
+
 def wait_until(condition: Callable[[], object], deadline: float, what: str) -> None:
     """Poll ``condition`` until it is true; fail with ``what`` after ``deadline`` seconds."""
     end = time.monotonic() + deadline

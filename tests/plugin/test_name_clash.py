@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from leftover_helpers import assert_nothing_left, assert_run_left_nothing, lxc_monitors
-from plugin_helpers import INNER_HEADER, InnerInstances, InnerRun, cache_args
+from plugin_helpers import InnerInstances, InnerRun, cache_args, hold_module
 
 from pytest_incus import ConfigError, ImageStore, InstanceFactory, fsutil, registry
 from pytest_incus.runtimes import cgroups
@@ -21,23 +21,6 @@ from pytest_incus.settings import Settings
 
 SCRATCH_ROOT = Path("/var/cache/pytest-incus-tests")
 
-# Holds a busybox container of a fixed name until "release" appears, then checks it still works.
-HOLD_MODULE = (
-    INNER_HEADER
-    + """
-HERE = pathlib.Path(__file__).parent
-
-@pytest.mark.instance(kind="container", image="busybox", name="{name}")
-def test_hold(instance):
-    record(instance)
-    (HERE / "ready").write_text(instance.name)
-    deadline = time.monotonic() + 120
-    while not (HERE / "release").exists():
-        assert time.monotonic() < deadline, "never released"
-        time.sleep(0.05)
-    assert instance.exec("echo still here").stdout == "still here\\n"
-"""
-)
 
 CLASH_MODULE = """
 import pytest
@@ -69,7 +52,7 @@ def held(
 ) -> Iterator[InnerRun]:
     """A run on ``scratch_cache`` holding a container named ``name``."""
     inner_instances.caches.add(scratch_cache)
-    pytester.makepyfile(test_hold=HOLD_MODULE.format(name=name))
+    pytester.makepyfile(test_hold=hold_module(f'name="{name}"'))
     run = InnerRun(pytester.path, scratch_cache, "test_hold.py")
     try:
         run.wait_for("ready", deadline=60)
