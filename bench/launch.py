@@ -59,6 +59,7 @@ from pytest_incus.factory import InstanceFactory
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.instance import Instance
 from pytest_incus.ownership import Owner
+from pytest_incus.runtimes import cgroups
 from pytest_incus.runtimes.container import (
     ID_BASE,
     READY_POLL,
@@ -276,6 +277,10 @@ class Bench:
             raw_config = (raw.directory / "config").read_text()
         finally:
             raw.delete()
+        # each container's cgroup directory is named after its instance directory
+        plugin_cgroups = cgroups.container_dir(plugin_name, instance.directory)
+        raw_cgroups = cgroups.container_dir(raw.name, raw.directory)
+        plugin_config = plugin_config.replace(plugin_cgroups, raw_cgroups)
         if plugin_config.replace(plugin_name, raw.name) != raw_config:
             raise SystemExit(
                 f"bench: the raw liblxc config of {image} differs from the plugin's:\n"

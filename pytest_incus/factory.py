@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from pytest_incus import fsutil, registry
+from pytest_incus import claims, registry
 from pytest_incus.errors import ConfigError, IncusError, InstanceStartError, UnavailableError
 from pytest_incus.images.store import ImageStore
 from pytest_incus.instance import Instance
@@ -76,19 +76,35 @@ class InstanceFactory:
         name = spec.name or f"pti-{secrets.token_hex(4)}"
         directory = self.settings.instances_dir / name
         self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
+        claims.take(name, directory, self._owner)  # no instance of that name on this host
         try:
             directory.mkdir()
         except FileExistsError:
+            claims.release(name, directory)
             raise ConfigError(
                 f"an instance named {name!r} already exists ({directory}); choose "
-                "another name, or remove it with: pytest-incus rm " + name
+                "another name, or remove it with: " + self.settings.command(f"rm {name}")
             ) from None
-        registry.write_record(directory, kind=spec.kind, image=spec.image, owner=self._owner)
+        except BaseException:
+            claims.release(name, directory)
+            raise
         try:
+            registry.write_record(directory, kind=spec.kind, image=spec.image, owner=self._owner)
             machine = runtime.create(spec, name, directory, self.images)
+            instance = Instance(
+                machine,
+                spec,
+                exec_timeout=self.settings.exec_timeout,
+                on_delete=self._delete,
+                on_use=self.use,
+            )
+            # live before it starts: whatever cuts the start short (a signal included),
+            # close() still deletes what it made
+            self._live[name] = instance
             machine.start()
         except BaseException as exc:
             registry.remove_instance(self.settings, name, spec.kind)
+            self._live.pop(name, None)
             if isinstance(exc, OSError):  # of the host's files: the instance's own are inside
                 raise InstanceStartError(
                     f"{spec.kind} {name} (image {spec.image}): preparing it on the host failed: "
@@ -96,14 +112,6 @@ class InstanceFactory:
                     exc=exc,
                 ) from exc
             raise
-        instance = Instance(
-            machine,
-            spec,
-            exec_timeout=self.settings.exec_timeout,
-            on_delete=self._delete,
-            on_use=self.use,
-        )
-        self._live[name] = instance
         self.use(instance)
         if self._on_ready is not None:
             try:
@@ -157,11 +165,19 @@ class InstanceFactory:
     def _delete(self, instance: Instance) -> None:
         if instance.kept:
             return  # the user asked for it to stay, for a look inside after the run
-        self._live.pop(instance.name, None)
         try:
             instance.machine.destroy()
+        except Exception:
+            self._forget(instance)  # nothing more to try here; reap can
+            raise
+        # an interrupt (Ctrl-C, SIGTERM) in destroy() leaves it live, for close() to finish
+        self._forget(instance)
+
+    def _forget(self, instance: Instance) -> None:
+        try:
+            registry.forget(instance.directory)
         finally:
-            fsutil.remove_tree(instance.directory)
+            self._live.pop(instance.name, None)
 
     def close(self) -> None:
         """Delete every instance launched here that is still alive (kept ones stay)."""
@@ -171,6 +187,8 @@ class InstanceFactory:
                 continue
             try:
                 instance.delete()
+                if self._live.get(instance.name) is instance:  # a delete cut short
+                    self._delete(instance)
             except (IncusError, OSError) as exc:
                 errors.append(f"{instance.name}: {exc}")
         if errors:

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from pytest_incus import hookspecs, registry
+from pytest_incus import hookspecs, registry, signals
 from pytest_incus.errors import ConfigError
 from pytest_incus.factory import InstanceFactory, check_spec
 from pytest_incus.fixtures import image_store, instance, instance_factory, instance_target
 from pytest_incus.images.store import ImageStore
 from pytest_incus.instance import Instance
+from pytest_incus.ownership import Owner, process_start_time
 from pytest_incus.settings import (
     ACCEL_CHOICES,
     DEFAULT_EXEC_TIMEOUT,
@@ -35,6 +36,7 @@ STORE = pytest.StashKey[ImageStore]()
 FACTORY = pytest.StashKey[InstanceFactory]()
 CONFIG_ERRORS = pytest.StashKey[list[ConfigError]]()
 SHOWN = pytest.StashKey[set[str]]()  # kept instances a test's report already names
+SIGNALS = pytest.StashKey[signals.RunSignals]()
 
 MARKER_HELP = (
     "instance(kind='container', image=<incus_default_image>, **options): the instance that the "
@@ -200,6 +202,9 @@ def pytest_configure(config: pytest.Config) -> None:
         store,
         on_ready=lambda inst: config.hook.pytest_incus_instance_ready(instance=inst),
     )
+    run_signals = signals.RunSignals()
+    run_signals.install()
+    config.stash[SIGNALS] = run_signals
 
 
 def _progress_writer(config: pytest.Config) -> Any:
@@ -232,11 +237,41 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     registry.reap(session.config.stash[SETTINGS])
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Reap, once the run's workers are down, what the dead ones among them left (a worker
+    killed by a test, say): a run leaves nothing behind. Instances of live processes (other
+    runs, nested pytest runs) are never touched."""
+    if not hasattr(session.config, "workerinput"):  # the controller, or a run without xdist
+        registry.reap(session.config.stash[SETTINGS])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodeready(node: Any) -> None:
+    """An xdist worker is up: the controller passes SIGTERM and SIGHUP on to it."""
+    try:  # execnet's remote info, which xdist fetched and cached when it set the node up
+        local = node.gateway.spec.popen and not node.gateway.spec.via
+        pid = int(node.gateway._rinfo().pid)
+    except Exception:  # another gateway kind: its worker gets no forwarded signal
+        return
+    start = process_start_time(pid)
+    if local and start is not None and SIGNALS in node.config.stash:
+        node.config.stash[SIGNALS].forward_to(Owner(pid, start))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Last resort after an interrupted session: delete what is still ours."""
-    factory = config.stash.get(FACTORY, None)
-    if factory is not None:
-        factory.close()
+    """Last resort after an interrupted session: delete what is still ours; then give back
+    the signal handlers."""
+    run_signals = config.stash.get(SIGNALS, None)
+    if run_signals is not None:
+        run_signals.hold()  # a signal now would only cut short the teardown it asks for
+    try:
+        factory = config.stash.get(FACTORY, None)
+        if factory is not None:
+            factory.close()
+    finally:
+        if run_signals is not None:
+            run_signals.restore()
 
 
 def marker_targets(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import filelock
 
-from pytest_incus import fsutil
+from pytest_incus import claims, fsutil
 from pytest_incus.ownership import Owner
 from pytest_incus.runtimes import cgroups, get_runtime, process
 from pytest_incus.settings import Settings
@@ -60,11 +60,21 @@ def write_record(
 
 
 def mark_kept(directory: Path) -> None:
-    """Record that the instance is kept after its run (``--incus-keep``): never reaped."""
+    """Record that the instance is kept after its run (``--incus-keep``): never reaped, and
+    its name stays taken."""
     data = fsutil.read_json(directory / RECORD)
     if isinstance(data, dict):
         data["kept"] = True
         fsutil.write_atomic(directory / RECORD, json.dumps(data))
+    claims.keep(directory.name, directory)
+
+
+def forget(directory: Path) -> None:
+    """Remove the directory of an instance whose processes are gone, and free its name."""
+    try:
+        fsutil.remove_tree(directory)
+    finally:
+        claims.release(directory.name, directory)
 
 
 def read_record(directory: Path) -> Record | None:
@@ -103,7 +113,7 @@ def remove_instance(settings: Settings, name: str, kind: str) -> None:
     try:
         get_runtime(kind).reap(name, directory)
     finally:
-        fsutil.remove_tree(directory)
+        forget(directory)
 
 
 def reap(
@@ -139,6 +149,7 @@ def reap(
             log.info("reaping instance %s left by a process that is gone", directory.name)
             remove_instance(settings, directory.name, kind)
             removed.append(directory.name)
+    claims.sweep()
     return removed
 
 
@@ -146,7 +157,7 @@ def leftovers(settings: Settings, name: str) -> list[str]:
     """What still exists of instance ``name`` on this host, described; empty when all gone.
 
     Looks for its directory, mounts below it, LXC monitor or other processes naming it, a QEMU
-    using its files, and cgroups in every hierarchy.
+    using its files, cgroups in every hierarchy, and its claim on the name.
     """
     found = []
     directory = settings.instances_dir / name
@@ -160,5 +171,8 @@ def leftovers(settings: Settings, name: str) -> list[str]:
         vm = "qemu" in cmdline and f"{directory}/" in cmdline  # a VM's disk and sockets
         if lxc or vm:
             found.append(f"process {pid}: {cmdline}")
-    found += [f"cgroup {p}" for p in cgroups.leftovers(name, [])]
+    found += [f"cgroup {p}" for p in cgroups.leftovers(name, directory)]
+    claim = claims.read(name)
+    if claim is not None and claim.directory == directory:
+        found.append(f"name claim {claims.claims_dir() / name}")
     return found

@@ -1,20 +1,30 @@
 """The cgroup hierarchies of this host (v1, v2 or hybrid), for limits and for cleanup.
 
-liblxc creates ``lxc.payload.<name>`` and ``lxc.monitor.<name>`` next to the cgroup of the
-process that starts a container, in every hierarchy. It removes the payload itself but cannot
-remove the monitor's while its monitor process is still inside, so we remove both once the
-container is gone.
+By default liblxc names a container's cgroups ``lxc.payload.<name>`` and
+``lxc.monitor.<name>``, at the root of every hierarchy: names global to the host, so two runs
+with different cache directories that both launch ``name="x"`` would share them, and the
+second's cleanup would wait on the first's. So each container gets a cgroup directory of its
+own (``lxc.cgroup.dir.container`` and ``lxc.cgroup.dir.monitor``, liblxc 4.0+), named after
+its instance directory, which no other instance on this host has while it exists:
+``pytest-incus.<name>.<digest of the directory>/{payload,monitor}``. liblxc removes the
+payload itself but neither the monitor's (its monitor process is still inside) nor the parent,
+so we remove the whole directory once the container is gone, and only the paths recorded for
+that instance.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+PREFIX = "pytest-incus."
+LEGACY_PREFIXES = ("lxc.payload.", "lxc.monitor.")  # liblxc's defaults, of older versions
 
 
 @dataclass(frozen=True)
@@ -78,11 +88,6 @@ def _own_paths(pid: int) -> list[Path]:
     return paths
 
 
-def own() -> list[Path]:
-    """The cgroup directories of this process, one per hierarchy."""
-    return _own_paths(os.getpid())
-
-
 def candidate_parents(recorded: list[str]) -> list[Path]:
     """Where to look for a container's cgroups: recorded parents, ours, and each root."""
     seen: dict[str, Path] = {}
@@ -91,15 +96,52 @@ def candidate_parents(recorded: list[str]) -> list[Path]:
     return list(seen.values())
 
 
-def payload(name: str, recorded: list[str], controller: str) -> Path | None:
-    """The cgroup directory of running container ``name`` in the hierarchy that holds
-    ``controller`` (where its limits of that controller are), or None."""
+def container_dir(name: str, directory: Path) -> str:
+    """The cgroup directory of container ``name`` whose instance directory is ``directory``:
+    unique on this host while that directory exists, and the same for every process that
+    looks (a reaper too)."""
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
+    return f"{PREFIX}{name}.{digest}"
+
+
+def config_lines(cgroup_dir: str) -> list[str]:
+    """The LXC config lines that put the container's and its monitor's cgroups below
+    ``cgroup_dir``."""
+    return [
+        f"lxc.cgroup.dir.container = {cgroup_dir}/payload",
+        f"lxc.cgroup.dir.monitor = {cgroup_dir}/monitor",
+    ]
+
+
+def placements(cgroup_dir: str) -> list[Path]:
+    """Every path at which liblxc may make ``cgroup_dir``: below each hierarchy's root (where
+    it goes as root) or below this process's own cgroups (where it stays when it cannot
+    escape); record them before the start, so that teardown and reap find them."""
+    return [parent / cgroup_dir for parent in candidate_parents([])]
+
+
+def legacy_paths(name: str, recorded_parents: list[str]) -> list[Path]:
+    """The cgroups of container ``name`` as liblxc names them by default (instances made
+    before each container had a directory of its own)."""
+    return [
+        parent / f"{prefix}{name}"
+        for parent in candidate_parents(recorded_parents)
+        for prefix in LEGACY_PREFIXES
+    ]
+
+
+def payload(recorded: list[Path], controller: str) -> Path | None:
+    """The cgroup of a running container's processes in the hierarchy that holds
+    ``controller`` (where its limits of that controller are), or None; ``recorded`` are the
+    container's cgroups as its instance records them."""
     mounts = [h.mount for h in hierarchies() if controller in h.controllers]
-    for parent in candidate_parents(recorded):
-        if any(parent == mount or mount in parent.parents for mount in mounts):
-            path = parent / f"lxc.payload.{name}"
-            if path.is_dir():
-                return path
+    for path in recorded:
+        if any(mount in path.parents for mount in mounts):
+            # ours are <dir>/payload; an older instance's is liblxc's lxc.payload.<name>
+            for candidate in (path / "payload", path):
+                payload = candidate.name == "payload" or candidate.name.startswith("lxc.payload.")
+                if payload and candidate.is_dir():
+                    return candidate
     return None
 
 
@@ -140,18 +182,15 @@ def _rmdir_tree(path: Path, deadline: float) -> bool:
             time.sleep(0.01)
 
 
-def leftovers(name: str, recorded: list[str]) -> list[Path]:
-    """The cgroups of container ``name`` that still exist."""
-    found = []
-    for parent in candidate_parents(recorded):
-        for prefix in ("lxc.payload.", "lxc.monitor."):
-            path = parent / f"{prefix}{name}"
-            if path.is_dir():
-                found.append(path)
-    return found
+def leftovers(name: str, directory: Path) -> list[Path]:
+    """The cgroups of container ``name`` in ``directory`` that still exist (under liblxc's
+    own names too, which older versions used)."""
+    found = [*placements(container_dir(name, directory)), *legacy_paths(name, [])]
+    return [p for p in found if p.is_dir()]
 
 
-def remove(name: str, recorded: list[str], timeout: float = 5.0) -> list[Path]:
-    """Remove the cgroups of container ``name``; returns those that could not be removed."""
+def remove(paths: list[Path], timeout: float = 5.0) -> list[Path]:
+    """Remove the cgroups at ``paths`` with everything below them; returns those that could
+    not be removed (a process still inside past ``timeout``)."""
     deadline = time.monotonic() + timeout
-    return [p for p in leftovers(name, recorded) if not _rmdir_tree(p, deadline)]
+    return [p for p in paths if p.is_dir() and not _rmdir_tree(p, deadline)]

@@ -56,6 +56,8 @@ STOP_GRACE = 5  # seconds (liblxc takes an int)
 # ones a user namespace may set
 UNPRIVILEGED_OVERLAY_OPTIONS = "userxattr"
 
+CGROUPS_RECORD = "cgroups.json"  # where the container's cgroups may be, written before start
+
 _HALT_SIGNALS = {"systemd": "SIGRTMIN+3", "busybox": "SIGUSR2"}
 
 
@@ -200,6 +202,8 @@ def write_config(
                 "(cgroup v2)"
             )
         lines.append(f"{key} = {spec.processes}")
+    # cgroups of its own, not liblxc's host-wide lxc.payload.<name> (see runtimes/cgroups.py)
+    lines += cgroups.config_lines(cgroups.container_dir(name, d))
     # the staging paths, which the host mounts at each start (runtimes/mounts.py)
     lines += [entry.config_line() for entry in staged]
     lines += extra
@@ -383,10 +387,11 @@ class Container:
         mounts.stage(self._mounts, None if self.spec.privileged else (ID_BASE, ID_COUNT))
 
     def _record_cgroups(self) -> None:
-        """liblxc makes the container's cgroups next to ours: record where, before they
-        exist, so that teardown and reap find them."""
-        home = cgroups.own()
-        fsutil.write_atomic(self.directory / "cgroups.json", json.dumps([str(p) for p in home]))
+        """Record where liblxc may make the container's cgroups, before they exist, so that
+        teardown and reap find them (and remove nothing else)."""
+        paths = cgroups.placements(cgroups.container_dir(self.name, self.directory))
+        data = {"paths": [str(p) for p in paths]}
+        fsutil.write_atomic(self.directory / CGROUPS_RECORD, json.dumps(data))
 
     def _check_exec_works(self) -> None:
         """For an init we know nothing of: ready at once, but only if it still runs and a
@@ -441,7 +446,7 @@ class Container:
                     self._c.stop()
                 self._c.wait("STOPPED", STOP_GRACE)
         mounts.unstage(self.directory)
-        cgroups.remove(self.name, _recorded_cgroups(self.directory))
+        cgroups.remove(recorded_cgroups(self.name, self.directory))
 
     def destroy(self) -> None:
         """Kill the container and remove its cgroups (the directory goes with the caller)."""
@@ -461,7 +466,7 @@ class Container:
         # after a failed start the monitor is still cleaning up when liblxc returns
         _end_monitor(name, directory.parent)
         mounts.unstage(directory)
-        leftover = cgroups.remove(name, _recorded_cgroups(directory))
+        leftover = cgroups.remove(recorded_cgroups(name, directory))
         if leftover:
             log.warning("cgroups of container %s could not be removed: %s", name, leftover)
 
@@ -527,7 +532,7 @@ class Container:
     def _at_process_limit(self) -> str | None:
         """What to say if the container has reached its process limit (the pids cgroup has
         refused a fork), or None."""
-        cgroup = cgroups.payload(self.name, _recorded_cgroups(self.directory), "pids")
+        cgroup = cgroups.payload(recorded_cgroups(self.name, self.directory), "pids")
         state = cgroups.processes(cgroup) if cgroup is not None else None
         if state is None or state.limit is None or not state.refused:
             return None
@@ -605,6 +610,12 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _recorded_cgroups(directory: Path) -> list[str]:
-    recorded = fsutil.read_json(directory / "cgroups.json")
-    return recorded if isinstance(recorded, list) else []
+def recorded_cgroups(name: str, directory: Path) -> list[Path]:
+    """The cgroups that container ``name`` in ``directory`` may have (see
+    ``Container._record_cgroups``)."""
+    recorded = fsutil.read_json(directory / CGROUPS_RECORD)
+    if isinstance(recorded, dict) and isinstance(recorded.get("paths"), list):
+        return [Path(p) for p in recorded["paths"]]
+    if isinstance(recorded, list):  # the parents an older version recorded: liblxc's names
+        return cgroups.legacy_paths(name, recorded)
+    return cgroups.placements(cgroups.container_dir(name, directory))

@@ -219,7 +219,9 @@ class QemuProcess:
 
     def quit(self, deadline: float) -> bool:
         """Ask QEMU to quit over QMP; True if it exited by ``deadline``."""
-        if self.alive() and self.qmp is not None:
+        if self.qmp is None:  # not connected yet (a launch cut short): nothing will ask it
+            return not self.alive()
+        if self.alive():
             with contextlib.suppress(IncusError):
                 self.command("quit", timeout=max(0.1, deadline - time.monotonic()))
         return self.wait(deadline)

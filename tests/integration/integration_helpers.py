@@ -7,8 +7,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pytest_incus import Instance, registry
-from pytest_incus.settings import Settings
+# re-exported: the integration tests import them from here
+from leftover_helpers import assert_nothing_left as assert_nothing_left
+from leftover_helpers import host_processes as host_processes
+from leftover_helpers import lxc_monitors as lxc_monitors
+
+from pytest_incus import Instance
 
 # Host directories that instances see (mounts, local images). Never under /tmp (HOST.md) and
 # traversable by the host uid of an unprivileged container's root.
@@ -21,22 +25,6 @@ def wait_until(condition: Callable[[], object], deadline: float, what: str) -> N
     while not condition():
         assert time.monotonic() < end, f"{what}: still not true after {deadline}s"
         time.sleep(0.02)
-
-
-def host_processes(needle: str) -> list[str]:
-    """``pid: cmdline`` of every host process whose command line contains ``needle``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        text = cmdline.decode(errors="replace").strip()
-        if needle in text:
-            found.append(f"{entry}: {text}")
-    return found
 
 
 def host_descendants(pid: int) -> list[str]:
@@ -64,19 +52,6 @@ def host_descendants(pid: int) -> list[str]:
             continue
         found.append(f"{child}: {cmdline.decode(errors='replace').strip()}")
     return found
-
-
-def lxc_monitors(name: str) -> list[str]:
-    """The ``[lxc monitor]`` processes that name instance ``name``."""
-    return [p for p in host_processes("[lxc monitor]") if p.split()[-1] == name]
-
-
-def assert_nothing_left(settings: Settings, name: str) -> None:
-    """Fail unless instance ``name`` left nothing at all on the host."""
-    left = registry.leftovers(settings, name)
-    assert left == [], f"instance {name} left: {left}"
-    assert lxc_monitors(name) == []
-    assert host_processes(str(settings.instances_dir / name)) == []
 
 
 def memory_limit(instance: Instance) -> int:

@@ -5,7 +5,6 @@ instance answers afterwards."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -27,7 +26,7 @@ from pytest_incus import (
     fsutil,
 )
 from pytest_incus.images.store import ImageStore
-from pytest_incus.runtimes import cgroups
+from pytest_incus.runtimes import cgroups, container
 from pytest_incus.settings import DEFAULT_MAX_PROCESSES, Settings
 
 BOMB = "f(){ f | f; }; f"
@@ -36,8 +35,8 @@ BOMB_LIMIT = 64
 
 def pids_dir(instance: Instance) -> Path:
     """The host side directory of the instance's cgroup in the pids hierarchy."""
-    recorded = json.loads((instance.directory / "cgroups.json").read_text())
-    path = cgroups.payload(instance.name, recorded, "pids")
+    recorded = container.recorded_cgroups(instance.name, instance.directory)
+    path = cgroups.payload(recorded, "pids")
     assert path is not None, f"no pids cgroup of {instance.name} under {recorded}"
     return path
 

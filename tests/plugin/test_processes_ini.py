@@ -9,12 +9,11 @@ from plugin_helpers import INNER_HEADER, InnerInstances
 INNER = (
     INNER_HEADER
     + """
-import json
-from pytest_incus.runtimes import cgroups
+from pytest_incus.runtimes import cgroups, container
 
 def pids_max(instance):
-    recorded = json.loads((instance.directory / "cgroups.json").read_text())
-    return int((cgroups.payload(instance.name, recorded, "pids") / "pids.max").read_text())
+    recorded = container.recorded_cgroups(instance.name, instance.directory)
+    return int((cgroups.payload(recorded, "pids") / "pids.max").read_text())
 
 @pytest.mark.instance(image="busybox")
 def test_default(instance, instance_factory):

@@ -11,29 +11,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from plugin_helpers import INNER_HEADER, InnerInstances, cache_args, run_cli, wait_until
+from plugin_helpers import (
+    INNER_HEADER,
+    InnerInstances,
+    cache_args,
+    hold_module,
+    run_cli,
+    wait_until,
+)
 
 from pytest_incus import registry
 from pytest_incus.settings import Settings
 
-# The inner test launches an instance, says "ready" with its name, then holds it until the
-# outer test creates "release" (or the inner deadline passes).
-HOLD_MODULE = (
-    INNER_HEADER
-    + """
-HERE = pathlib.Path(__file__).parent
-
-@pytest.mark.instance(kind="container", image="busybox")
-def test_hold(instance):
-    record(instance)
-    (HERE / "ready").write_text(instance.name)
-    deadline = time.monotonic() + 120
-    while not (HERE / "release").exists():
-        assert time.monotonic() < deadline, "never released"
-        time.sleep(0.05)
-    assert instance.exec("echo still here").stdout == "still here\\n"
-"""
-)
+HOLD_MODULE = hold_module()
 
 
 class HeldRun:

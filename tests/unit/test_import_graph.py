@@ -165,7 +165,7 @@ def test_the_graph_sees_the_imports_it_should() -> None:
     # a plain module-level import, a submodule through "from package import name", and an
     # implied parent package that is not the importer's own
     assert "pytest_incus.errors" in graph["pytest_incus.spec"]
-    assert "pytest_incus.fsutil" in graph["pytest_incus.factory"]
+    assert "pytest_incus.fsutil" in graph["pytest_incus.registry"]
     assert "pytest_incus.images" in graph["pytest_incus.factory"]
     # the package that re-exports everything is imported by nobody inside it
     assert not any("pytest_incus" in deps for deps in graph.values())
