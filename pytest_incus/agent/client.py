@@ -3,7 +3,7 @@
 ``AgentClient`` talks to whatever agent answers on the VM's ``org.qemu.guest_agent.0`` port
 (QEMU's chardev socket ``qga.sock``): our ``guest_agent`` or Debian's stock ``qemu-ga``. It asks
 ``guest-info`` which commands exist and chooses its ``Peer`` once (``peer.py``): our ``pti-*``
-extensions when it finds them (one round trip per exec or file operation, ``extensions.py``),
+extensions when it finds them (exec streamed in chunks, files by offset, ``extensions.py``),
 else the same done through ``guest-exec`` and the guest's shell tools (``fallback.py``).
 
 One request at a time goes over the socket (a lock); every send and every wait for a reply has
