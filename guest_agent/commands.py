@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 # Commands we answer in QEMU's own protocol, and our extensions (prefix "pti-": pytest-incus).
 EXTENSIONS = (
-    "pti-exec",
+    "pti-exec-start",
+    "pti-exec-poll",
+    "pti-spool",
     "pti-stat",
     "pti-sha256",
     "pti-read-file",
@@ -69,6 +71,7 @@ class Agent:
         self.blocked = set(blocked)
         self.init_mode = init_mode
         self.jobs = execute.Jobs()
+        self.execs = execute.Execs()
         self.handles = files.Handles()
         self.commands: dict[str, Handler] = {
             "guest-sync-delimited": self._sync,
@@ -85,7 +88,9 @@ class Agent:
             "guest-file-close": self.handles.close,
             "guest-shutdown": self._shutdown,
             "guest-set-time": system.set_time,
-            "pti-exec": execute.pti_exec,
+            "pti-exec-start": self.execs.start,
+            "pti-exec-poll": self.execs.poll,
+            "pti-spool": files.spool,
             "pti-stat": files.stat_path,
             "pti-sha256": files.sha256,
             "pti-read-file": files.read_file,

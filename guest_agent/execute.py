@@ -1,5 +1,5 @@
 """Running commands: QEMU's asynchronous ``guest-exec`` / ``guest-exec-status``, and our
-one-round-trip ``pti-exec`` that waits for the command and returns everything.
+streamed ``pti-exec-start`` / ``pti-exec-poll`` (bounded buffers, any size of output).
 
 Commands are spawned with ``subprocess`` (it uses vfork when it can, which stays fast under
 TCG) in a session of their own, so a timeout can kill their whole process group, and every
@@ -12,6 +12,7 @@ import base64
 import contextlib
 import errno
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-KILL_GRACE = 5.0  # seconds to collect output after killing a command
 MAX_CAPTURE = 16 << 20  # bytes of stdout/stderr kept per guest-exec stream (as qemu-ga)
 
 
@@ -221,55 +221,290 @@ class Running:
 RUNNING = Running()
 
 
-def pti_exec(args: dict[str, Any]) -> dict[str, Any]:
-    """Run ``argv`` and wait: {exitcode, out-data, err-data, timed-out, duration}."""
-    argv = args["argv"]
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-        raise CommandError("argv must be a non-empty list of strings")
-    env = args.get("env") or {}
-    if not isinstance(env, dict):
-        raise CommandError("env must be an object of strings")
-    timeout = args.get("timeout")
-    stdin_data = base64.b64decode(args.get("input-data") or "")
-    who = lookup_user(args.get("user"))
-    workdir = working_dir(who, args.get("cwd"))
-    started = time.monotonic()
-    stdin = subprocess.PIPE if stdin_data else subprocess.DEVNULL
+# -- our exec: a job the host streams through ------------------------------------------------
+#
+# pti-exec-start spawns the command and returns a job number; pti-exec-poll, called by the host
+# again and again, feeds stdin, hands back what the command wrote since, and at last its exit
+# status. The agent keeps no output of its own: between polls the command stalls on its full
+# pipes, so its memory stays bounded whatever the command writes. The command's end is noticed
+# through a pidfd, not through end of file on its pipes: a process it started in the background
+# may hold them open forever. What the pipes hold at that moment is the rest of its output.
+
+CHUNK = 1 << 20  # bytes of output (and pipe capacity) per stream and poll, at most
+MAX_WAIT = 5.0  # seconds one pti-exec-poll may wait for news
+LINGER = 0.02  # seconds a poll that has output goes on collecting before it answers
+ABANDONED = 60.0  # seconds without a poll after which the host is taken to be gone
+_F_SETPIPE_SZ = 1031
+_FIONREAD = 0x541B
+
+
+def _pipe_size(fd: int) -> None:
+    import fcntl
+
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, CHUNK)
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting in the pipe ``fd``."""
+    import fcntl
+
     try:
-        proc = _popen(argv, who.environment(env), workdir, who, stdin)
-    except OSError as exc:
-        code, message = not_runnable(argv[0], exc)
-        return _exec_reply(code, b"", message, False, started)
-    RUNNING.add(proc.pid)
-    timed_out = False
-    try:
+        return int.from_bytes(fcntl.ioctl(fd, _FIONREAD, b"\0\0\0\0"), "little")
+    except OSError:
+        return 0
+
+
+class ExecJob:
+    """One command of pti-exec-start: its pipes (our ends, non-blocking), its process and
+    what is left of its output once it ended."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes] | None, timeout: float | None, started: float
+    ) -> None:
+        self.proc = proc
+        self.timeout = timeout
+        self.started = started
+        self.polled = started
+        self.timed_out = False
+        self.code: int | None = None
+        self.streams: dict[str, int] = {}  # "out"/"err" -> our read end, while open
+        self.stdin: int | None = None
+        self.rest = {"out": bytearray(), "err": bytearray()}  # read after the end
+        self.pidfd: int | None = None
+        self._files: dict[int, Any] = {}  # fd -> Popen's file object, which closes it
+        if proc is None:
+            return
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                self._files[stream.fileno()] = stream
+        assert proc.stdout is not None and proc.stderr is not None
+        self.streams = {"out": proc.stdout.fileno(), "err": proc.stderr.fileno()}
+        if proc.stdin is not None:
+            self.stdin = proc.stdin.fileno()
+        for fd in [*self.streams.values(), self.stdin]:
+            if fd is not None:
+                os.set_blocking(fd, False)
+        for fd in self.streams.values():
+            _pipe_size(fd)
+        with contextlib.suppress(AttributeError, OSError):  # Linux 5.3 and Python 3.9 on
+            self.pidfd = os.pidfd_open(proc.pid)
+
+    def exchange(
+        self, data: bytes, eof: bool, wait: float, limit: int, kill: bool
+    ) -> dict[str, Any]:
+        """Feed ``data`` to stdin (closing it after, with ``eof``) and collect up to ``limit``
+        bytes per stream, for at most ``wait`` seconds: back as soon as there is news."""
+        now = time.monotonic()
+        self.polled = now
+        if kill:
+            self._kill()
+        deadline = now + wait
+        got: dict[str, list[bytes]] = {"out": [], "err": []}
+        sizes = {"out": 0, "err": 0}
+        view = memoryview(data)
+        if self.stdin is None:
+            view = view[:0]  # nobody to take it: as a closed pipe would
+        first: float | None = None
+        while self.code is None:
+            if not view and eof:
+                self._close_stdin()
+            self._check_timeout()
+            readers = [fd for key, fd in self.streams.items() if sizes[key] < limit]
+            writers = [self.stdin] if view and self.stdin is not None else []
+            watched = readers + ([self.pidfd] if self.pidfd is not None else [])
+            until = deadline if first is None else min(deadline, first + LINGER)
+            if self.timeout is not None and not self.timed_out:
+                until = min(until, self.started + self.timeout)
+            pause = max(0.0, until - time.monotonic())
+            if self.pidfd is None:
+                pause = min(pause, 0.02)
+            ready, writable, _ = select.select(watched, writers, [], pause)
+            for key, fd in list(self.streams.items()):
+                if fd in ready:
+                    chunk = self._read(key, limit - sizes[key])
+                    if chunk:
+                        got[key].append(chunk)
+                        sizes[key] += len(chunk)
+                        first = first or time.monotonic()
+            if writable:
+                view = self._write(view)
+                if not view:
+                    if eof:
+                        self._close_stdin()
+                    break  # all taken: the host has more to send
+            if self._ended(ready):
+                self._end()
+            now = time.monotonic()
+            if now >= deadline or (first is not None and now >= first + LINGER):
+                break
+            if any(size >= limit for size in sizes.values()):
+                break
+        for key in ("out", "err"):
+            rest = self.rest[key]
+            if rest and sizes[key] < limit:
+                take = rest[: limit - sizes[key]]
+                del rest[: len(take)]
+                got[key].append(bytes(take))
+        reply: dict[str, Any] = {
+            "out": _b64(b"".join(got["out"])),
+            "err": _b64(b"".join(got["err"])),
+            "taken": len(data) - len(view),
+            "exited": self.code is not None and not any(self.rest.values()),
+        }
+        if reply["exited"]:
+            reply["exitcode"] = self.code
+            reply["timed-out"] = self.timed_out
+            reply["duration"] = time.monotonic() - self.started
+        return reply
+
+    def _read(self, key: str, most: int) -> bytes:
+        fd = self.streams[key]
         try:
-            out, err = proc.communicate(stdin_data or None, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            kill_tree(proc.pid)
-            try:
-                out, err = proc.communicate(timeout=KILL_GRACE)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = b"", b""
-                proc.wait()
-    finally:
-        RUNNING.discard(proc.pid)
-    code = proc.returncode
-    return _exec_reply(128 - code if code < 0 else code, out, err, timed_out, started)
+            chunk = os.read(fd, min(most, CHUNK))
+        except BlockingIOError:
+            return b""
+        except OSError:
+            chunk = b""
+        if not chunk:  # end of file: nobody holds it open any more
+            del self.streams[key]
+            self._files.pop(fd).close()
+        return chunk
+
+    def _write(self, view: memoryview) -> memoryview:
+        assert self.stdin is not None
+        try:
+            return view[os.write(self.stdin, view) :]
+        except BlockingIOError:
+            return view
+        except OSError:  # the command closed its stdin: what it did not read is dropped
+            self._close_stdin()
+            return view[:0]
+
+    def _close_stdin(self) -> None:
+        if self.stdin is not None:
+            self._files.pop(self.stdin).close()
+            self.stdin = None
+
+    def _check_timeout(self) -> None:
+        if self.timeout is None or self.timed_out or self.proc is None:
+            return
+        if time.monotonic() >= self.started + self.timeout:
+            self.timed_out = True
+            self._kill()
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.code is None:
+            kill_tree(self.proc.pid)
+
+    def _ended(self, ready: list[int]) -> bool:
+        if self.proc is None:
+            return False
+        if self.pidfd is not None:
+            return self.pidfd in ready
+        return self.proc.poll() is not None
+
+    def _end(self) -> None:
+        """The command ended: reap it, take what its pipes hold now, and let them go."""
+        assert self.proc is not None
+        code = self.proc.wait()
+        RUNNING.discard(self.proc.pid)
+        self.code = 128 - code if code < 0 else code
+        for key, fd in self.streams.items():
+            count = _pending(fd)
+            while count > 0:
+                try:
+                    chunk = os.read(fd, count)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                self.rest[key] += chunk
+                count -= len(chunk)
+        self.release()
+
+    def release(self) -> None:
+        """Close our ends of its pipes and its pidfd."""
+        for fd in [*self.streams.values(), self.stdin]:
+            if fd is not None:
+                self._files.pop(fd).close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        self.streams = {}
+        self.stdin = self.pidfd = None
 
 
-def _exec_reply(
-    code: int, out: bytes, err: bytes, timed_out: bool, started: float
-) -> dict[str, Any]:
-    return {
-        "exitcode": code,
-        "out-data": _b64(out),
-        "err-data": _b64(err),
-        "timed-out": timed_out,
-        "duration": time.monotonic() - started,
-    }
+class Execs:
+    """The pti-exec table: job number -> ExecJob, until a poll reported its end."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[int, ExecJob] = {}
+        self.next = 1
+
+    def start(self, args: dict[str, Any]) -> dict[str, Any]:
+        """pti-exec-start: spawn ``argv`` (with ``env`` over the user's defaults, in ``cwd``,
+        as ``user``, killed with its tree after ``timeout`` seconds, stdin a pipe if
+        ``stdin``): {job}. A program that cannot run is a job that ended with 127 or 126."""
+        self._forget_abandoned()
+        argv = args["argv"]
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise CommandError("argv must be a non-empty list of strings")
+        env = args.get("env") or {}
+        if not isinstance(env, dict):
+            raise CommandError("env must be an object of strings")
+        timeout = args.get("timeout")
+        if timeout is not None and not isinstance(timeout, (int, float)):
+            raise CommandError("timeout must be a number of seconds or null")
+        who = lookup_user(args.get("user"))
+        workdir = working_dir(who, args.get("cwd"))
+        started = time.monotonic()
+        stdin = subprocess.PIPE if args.get("stdin") else subprocess.DEVNULL
+        try:
+            proc = _popen(argv, who.environment(env), workdir, who, stdin)
+        except OSError as exc:
+            job = ExecJob(None, timeout, started)
+            job.code, message = not_runnable(argv[0], exc)
+            job.rest["err"] += message
+        else:
+            RUNNING.add(proc.pid)
+            job = ExecJob(proc, timeout, started)
+        number = self.next
+        self.next += 1
+        self.jobs[number] = job
+        return {"job": number}
+
+    def poll(self, args: dict[str, Any]) -> dict[str, Any]:
+        """pti-exec-poll: give stdin ``input`` (base64; ``eof`` closes it after), take up to
+        ``max`` bytes of stdout and of stderr, waiting at most ``wait`` seconds for news
+        (``kill``: kill the command's tree first): {out, err, taken, exited} and, once it
+        ended and all its output is out, its exitcode, timed-out and duration."""
+        number = args["job"]
+        job = self.jobs.get(number) if isinstance(number, int) else None
+        if job is None:
+            raise CommandError(
+                f"no exec job {number!r} (it ended and was reported, or the "
+                "agent restarted since it began)"
+            )
+        wait = min(max(float(args.get("wait", 0)), 0.0), MAX_WAIT)
+        limit = min(max(int(args.get("max", CHUNK)), 1), CHUNK)
+        data = base64.b64decode(args.get("input") or "")
+        reply = job.exchange(data, bool(args.get("eof")), wait, limit, bool(args.get("kill")))
+        if reply["exited"]:
+            del self.jobs[number]
+        return reply
+
+    def _forget_abandoned(self) -> None:
+        """Kill and drop the jobs no host has polled for a long time (the host went away)."""
+        now = time.monotonic()
+        for number, job in list(self.jobs.items()):
+            if now - job.polled > ABANDONED:
+                job._kill()
+                if job.proc is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        job.proc.wait(timeout=5)  # else the init-mode reaper takes it later
+                    RUNNING.discard(job.proc.pid)
+                job.release()
+                del self.jobs[number]
 
 
 class _Job:

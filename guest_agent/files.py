@@ -147,8 +147,33 @@ def read_bytes(path: str) -> bytes:
 
 
 def read_file(args: dict[str, Any]) -> dict[str, Any]:
-    """{data: base64} of the file at ``path``."""
-    return {"data": base64.b64encode(read_bytes(_path(args))).decode("ascii")}
+    """{data: base64, eof} of up to ``count`` bytes of the file at ``path`` from ``offset``:
+    the host reads a file of any size in pieces."""
+    path = _path(args)
+    offset = int(args.get("offset", 0))
+    count = int(args.get("count", MAX_READ))
+    if offset < 0 or not 0 < count <= MAX_READ:
+        raise CommandError(f"offset must be >= 0 and count 1 to {MAX_READ}")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(21, os.strerror(21), path)
+        if offset:
+            os.lseek(fd, offset, os.SEEK_SET)
+        chunks = []
+        size = 0
+        while size < count:
+            chunk = os.read(fd, count - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    # a regular file ends at its size; what /proc and devices give ends at a short read
+    eof = size < count or (stat.S_ISREG(st.st_mode) and offset + size >= st.st_size)
+    return {"data": base64.b64encode(b"".join(chunks)).decode("ascii"), "eof": eof}
 
 
 def write_bytes(path: str, data: bytes, mode: int) -> None:
@@ -160,18 +185,55 @@ def write_bytes(path: str, data: bytes, mode: int) -> None:
         if os.geteuid() == 0:
             os.fchown(fd, 0, 0)
         os.fchmod(fd, mode & 0o7777)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
     finally:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def write_file(args: dict[str, Any]) -> dict[str, Any]:
-    """Replace ``path`` with ``data`` (base64), mode ``mode``, owned by root, parents made."""
-    mode = int(args.get("mode", 0o644))
-    write_bytes(_path(args), base64.b64decode(args.get("data") or ""), mode)
+    """Replace ``path`` with ``data`` (base64), mode ``mode``, owned by root, parents made;
+    with ``offset`` > 0, write ``data`` there into the file a first piece made (the host
+    writes a file of any size in pieces)."""
+    path = _path(args)
+    data = base64.b64decode(args.get("data") or "")
+    offset = int(args.get("offset", 0))
+    if offset <= 0:
+        write_bytes(path, data, int(args.get("mode", 0o644)))
+        return {}
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.lseek(fd, offset, os.SEEK_SET)
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
     return {}
+
+
+def spool(args: dict[str, Any]) -> dict[str, Any]:
+    """{path} of a new empty file (mode 0600) in the guest's spool directory: where the host
+    puts an archive in pieces before ``pti-put`` unpacks it, and ``pti-get`` leaves a large
+    one for the host to read in pieces."""
+    return {"path": _spool_file()}
+
+
+def _spool_file() -> str:
+    last: OSError | None = None
+    for directory in (os.environ.get("TMPDIR") or "/var/tmp", "/var/tmp", "/tmp"):
+        path = os.path.join(directory, "pti-spool-" + os.urandom(8).hex())
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            last = exc
+            continue
+        return path
+    assert last is not None
+    raise last
 
 
 def _record(st: os.stat_result) -> dict[str, int]:
@@ -290,12 +352,29 @@ def unpack(stream: IO[bytes], dest: str, is_tree: bool) -> None:
 
 
 def put(args: dict[str, Any]) -> dict[str, Any]:
-    """Unpack the tar in ``data`` (base64) at ``dest``, as ``unpack`` does."""
-    import io
-
+    """Unpack the tar in ``data`` (base64), or in the spool file ``source`` (removed after),
+    at ``dest``, as ``unpack`` does."""
     dest = _path(args, "dest")
-    unpack(io.BytesIO(base64.b64decode(args.get("data") or "")), dest, bool(args.get("tree")))
+    tree = bool(args.get("tree"))
+    source = args.get("source")
+    if source is None:
+        import io
+
+        unpack(io.BytesIO(base64.b64decode(args.get("data") or "")), dest, tree)
+        return {}
+    source = _spooled(source)
+    try:
+        with open(source, "rb") as stream:
+            unpack(stream, dest, tree)
+    finally:
+        os.unlink(source)
     return {}
+
+
+def _spooled(path: Any) -> str:
+    if not isinstance(path, str) or not os.path.basename(path).startswith("pti-spool-"):
+        raise CommandError(f"{path!r} is not a spool file of pti-spool")
+    return path
 
 
 def pack(path: str, stream: IO[bytes]) -> None:
@@ -310,9 +389,21 @@ def pack(path: str, stream: IO[bytes]) -> None:
 
 
 def get(args: dict[str, Any]) -> dict[str, Any]:
-    """{data: base64 tar} of ``path``, as ``pack`` makes it."""
-    import io
-
-    buffer = io.BytesIO()
-    pack(_path(args), buffer)
-    return {"data": base64.b64encode(buffer.getvalue()).decode("ascii")}
+    """{data: base64 tar} of ``path``, as ``pack`` makes it, when it is at most ``max`` bytes;
+    else {source, size}: a spool file that holds it, for the host to read and remove."""
+    path = _path(args)
+    most = int(args.get("max", MAX_READ))
+    source = _spool_file()
+    try:
+        with open(source, "wb") as stream:
+            pack(path, stream)
+            size = stream.tell()
+        if size > most:
+            return {"source": source, "size": size}
+        with open(source, "rb") as stream:
+            data = stream.read()
+    except BaseException:
+        os.unlink(source)
+        raise
+    os.unlink(source)
+    return {"data": base64.b64encode(data).decode("ascii")}

@@ -3,12 +3,14 @@
 ``AgentClient`` talks to whatever agent answers on the VM's ``org.qemu.guest_agent.0`` port
 (QEMU's chardev socket ``qga.sock``): our ``guest_agent`` or Debian's stock ``qemu-ga``. It asks
 ``guest-info`` which commands exist and chooses its ``Peer`` once (``peer.py``): our ``pti-*``
-extensions when it finds them (one round trip per exec or file operation, ``extensions.py``),
+extensions when it finds them (exec streamed in chunks, files by offset, ``extensions.py``),
 else the same done through ``guest-exec`` and the guest's shell tools (``fallback.py``).
 
-One request at a time goes over the socket (a lock); a reply that never came (a timeout)
-leaves the stream out of step, so the next request first resynchronises with
-``guest-sync-delimited``. Protocol errors become ``AgentError`` or, for file operations that
+One request at a time goes over the socket (a lock); every send and every wait for a reply has
+a deadline. A reply that never came leaves the stream out of step, so the next request first
+resynchronises with ``guest-sync-delimited``; after an agent went silent (``NoReply``: a
+command stopped or killed it, or the guest hangs) that takes at most ``SILENT_SYNC``, so the
+next request fails fast with an error that says so, or goes on if the agent came back. Protocol errors become ``AgentError`` or, for file operations that
 failed in the guest's filesystem, the matching ``OSError``, and for a command that could not
 start (a missing cwd, an unknown user) the error every kind raises for it (``_raise_error``).
 """
@@ -27,8 +29,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pytest_incus.agent import extensions, fallback
-from pytest_incus.agent.peer import Peer
-from pytest_incus.errors import AgentError, ExecTimeoutError, setup_error
+from pytest_incus.agent.peer import NoReply, Peer
+from pytest_incus.errors import AgentError, ExecTimeoutError, IncusError, setup_error
 from pytest_incus.values import ExecRequest, ExecResult, Stat
 
 log = logging.getLogger("pytest_incus")
@@ -36,6 +38,8 @@ log = logging.getLogger("pytest_incus")
 CONNECT_RETRY = 0.01  # seconds between attempts while QEMU's socket does not exist yet
 SYNC_RETRY = 0.25  # seconds before a guest-sync that got no answer is sent again
 REPLY_TIMEOUT = 300.0  # seconds for any reply but exec's (big files under TCG are slow)
+STALE_SYNC = 10.0  # seconds to resynchronise after a reply that came late or broken
+SILENT_SYNC = 3.0  # the same after the agent did not answer at all
 MAX_REPLY = 256 << 20  # bytes of one reply line
 
 
@@ -52,6 +56,7 @@ class AgentClient:
         self._buffer = bytearray()
         self._lock = threading.RLock()
         self._stale = False
+        self._silent: str | None = None  # the request the agent last left unanswered
         self._commands: dict[str, bool] = {}
         # until connect() has asked guest-info: what every agent offers
         self._peer: Peer = fallback.StockAgent(self)
@@ -122,9 +127,9 @@ class AgentClient:
             # a fresh id each time: the agent answers every copy it got, and the answer to an
             # earlier copy must not be taken for the reply to the next request
             sync_id = random.randrange(1, 1 << 31)
-            self._send(b"\xff" + _encode("guest-sync-delimited", {"id": sync_id}))
             retry = min(deadline, time.monotonic() + SYNC_RETRY)
             try:
+                self._send(b"\xff" + _encode("guest-sync-delimited", {"id": sync_id}), deadline)
                 while True:
                     self._skip_to_delimiter(retry)
                     reply = self._read_reply(retry)
@@ -139,13 +144,19 @@ class AgentClient:
 
     # -- framing -----------------------------------------------------------------------------
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, deadline: float | None = None) -> None:
         if self._sock is None:
             self._open()
         assert self._sock is not None
-        self._sock.settimeout(REPLY_TIMEOUT)
+        remaining = REPLY_TIMEOUT if deadline is None else deadline - time.monotonic()
+        self._sock.settimeout(max(remaining, 0.001))
         try:
             self._sock.sendall(data)
+        except TimeoutError:
+            # an agent that does not read: part of the message may be out (the next sync's
+            # 0xFF makes the agent drop it)
+            self._stale = True
+            raise
         except OSError as exc:
             self._drop()
             raise AgentError(
@@ -211,11 +222,15 @@ class AgentClient:
         arguments: dict[str, Any] | None = None,
         *,
         timeout: float | None = REPLY_TIMEOUT,
+        deadline: float | None = None,
         path: str | None = None,
     ) -> Any:
-        """Run one agent command and return its "return" value; protocol errors raise
-        (OSError for ``path`` when the guest's filesystem said no, AgentError otherwise)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Run one agent command and return its "return" value, answered within ``timeout``
+        seconds (or by ``deadline``, monotonic, when given); protocol errors raise (OSError for
+        ``path`` when the guest's filesystem said no, NoReply when no answer came in time,
+        AgentError otherwise)."""
+        if deadline is None and timeout is not None:
+            deadline = time.monotonic() + timeout
         with self._lock:
             return self._request(command, arguments or {}, deadline, path)
 
@@ -226,20 +241,40 @@ class AgentClient:
         deadline: float | None,
         path: str | None = None,
     ) -> Any:
-        if self._sock is None or self._stale:
-            self._open()
-            self._sync(time.monotonic() + 10)
-        self._send(_encode(command, arguments))
+        self._resync()
         try:
+            self._send(_encode(command, arguments), deadline)
             reply = self._read_reply(deadline)
         except TimeoutError:
             self._stale = True  # its reply may still come: resync before the next request
-            raise AgentError(
+            self._silent = command
+            raise NoReply(
                 f"{self.name}: the guest agent did not answer {command} in time"
             ) from None
         if "error" in reply:
             _raise_error(self.name, command, arguments, reply["error"], path)
         return reply.get("return")
+
+    def _resync(self) -> None:
+        """Before a request: resynchronise a stream that is out of step; fail fast, saying
+        why, when the agent has not answered since it went silent."""
+        if self._sock is not None and not self._stale:
+            return
+        self._open()
+        if self._silent is None:
+            self._sync(time.monotonic() + STALE_SYNC)
+            return
+        try:
+            self._sync(time.monotonic() + SILENT_SYNC)
+        except AgentError as exc:
+            raise AgentError(
+                f"{self.name}: the guest agent has not answered since {self._silent} went "
+                "unanswered: something stopped or killed it (a command such as `kill -STOP -1` "
+                'stops it under init="systemd"), or the guest hangs; restart() the instance',
+                exc=exc,
+            ) from exc
+        log.info("%s: the guest agent answers again after %s", self.name, self._silent)
+        self._silent = None
 
     def has(self, command: str) -> bool:
         """True if the agent offers ``command`` and has it enabled."""
@@ -276,10 +311,11 @@ class AgentClient:
         if self._commands and not self.has("guest-shutdown"):
             raise AgentError(f"{self.name}: the guest agent has guest-shutdown disabled")
         with self._lock:
-            if self._sock is None or self._stale:
-                self._open()
-                self._sync(time.monotonic() + 10)
-            self._send(_encode("guest-shutdown", {"mode": mode}))
+            self._resync()
+            try:
+                self._send(_encode("guest-shutdown", {"mode": mode}), time.monotonic() + 10)
+            except TimeoutError:
+                raise NoReply(f"{self.name}: the guest agent did not take guest-shutdown") from None
             self._stale = True
 
     # -- the Machine methods -----------------------------------------------------------------
@@ -287,7 +323,10 @@ class AgentClient:
     def exec(self, request: ExecRequest) -> ExecResult:
         """Run a command in the guest; ExecTimeoutError after killing its tree past timeout."""
         started = time.monotonic()
-        code, out, err, timed_out = self._peer.run(request)
+        try:
+            code, out, err, timed_out = self._peer.run(request)
+        except NoReply as exc:
+            raise self._silent_exec(request, exc, time.monotonic() - started) from exc
         duration = time.monotonic() - started
         if timed_out:
             raise ExecTimeoutError(
@@ -301,6 +340,31 @@ class AgentClient:
                 duration=duration,
             )
         return ExecResult(code, out, err, duration)
+
+    def _silent_exec(self, request: ExecRequest, exc: NoReply, duration: float) -> IncusError:
+        """The error for an exec whose agent stopped answering: ExecTimeoutError if that
+        lasted past the command's timeout, else AgentError; both say what happened."""
+        argv = list(request.argv)
+        what = (
+            "the guest agent stopped answering: the command may have stopped or killed it (as "
+            '`kill -STOP -1` does under init="systemd"), or the guest hangs; whether the '
+            "command still runs is unknown"
+        )
+        if request.timeout is None or duration < request.timeout:
+            return AgentError(
+                f"{argv!r} in {self.name}: {what} (no reply for {duration:.1f}s)", exc=exc
+            )
+        error = ExecTimeoutError(
+            f"{argv!r} in {self.name} ran past its timeout of {request.timeout}s, and {what} "
+            "(exit code -1: none is known). The next exec says whether the agent came back",
+            cmd=argv,
+            exit_code=-1,
+            stdout_bytes=exc.stdout,
+            stderr_bytes=exc.stderr,
+            duration=duration,
+        )
+        error.exc = exc
+        return error
 
     def read_file(self, path: str) -> bytes:
         """The content of ``path`` in the guest (symlinks followed)."""

@@ -5,24 +5,29 @@ our ``pti-*`` extensions: everything it lacks is done by the guest's own tools, 
 Every command runs as ``/bin/sh -c WRAPPER sh USER CWD SWITCH ARGV...`` with the caller's
 ``env`` (over a default PATH) as guest-exec's whole environment: the wrapper looks the user up
 in /etc/passwd, enters the directory, adds the user's HOME, USER, LOGNAME and SHELL where the
-caller gave none, and execs ``[setpriv ...] [timeout -s KILL T] ARGV`` (``timeout`` kills its
-whole process group). The tools are all in a Debian minbase: coreutils, util-linux
+caller gave none, and runs ``[setpriv ...] [timeout -s KILL T] ARGV`` (``timeout`` kills its
+whole process group) with its output in files of the guest's ``/tmp``, which it then copies
+to its own: qemu-ga says a command ended only once its output pipes close, which a process
+started in the background may never let happen. The tools are all in a Debian minbase: coreutils, util-linux
 (``setpriv``), tar.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import io
 import os
 import posixpath
 import re
+import secrets
 import tarfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from pytest_incus.agent.peer import answer_by
 from pytest_incus.errors import AgentError, setup_error
 from pytest_incus.values import ExecRequest
 
@@ -32,11 +37,15 @@ if TYPE_CHECKING:
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 POLL_FIRST = 0.001  # seconds before the first guest-exec-status; doubles up to POLL_MAX
 POLL_MAX = 0.05
-KILL_GRACE = 10.0  # seconds past the timeout for `timeout` to have killed the command
+KILL_GRACE = 5.0  # seconds past the timeout for `timeout` to have killed the command
 SETUP_FAILED = 125  # with SETUP_MARK on stdout: the wrapper could not prepare the command
 SETUP_MARK = "pti-setup-error:"  # then "cwd ERRNO" or "user", a newline and the cwd or user
 OSERROR_MARK = re.compile(r"^pti-oserror:(\d+):(.*)$", re.MULTILINE)  # errno, path
 _STAT_FORMAT = "%f %u %g %s"
+INLINE = 16 << 20  # bytes of stdin sent with guest-exec itself (qemu-ga takes 64 MiB of JSON)
+FILE_CHUNK = 4 << 20  # bytes per guest-file-read or guest-file-write
+# $1 a file that becomes stdin (and is removed), then the command
+FROM_FILE = 'pti_in=$1; shift; exec <"$pti_in" && rm -f -- "$pti_in" && exec "$@"'
 
 # $1 user ("" for the agent's own), $2 cwd ("" for the user's home), $3 "1" to switch to the
 # user, then the command. Builtins only (no getent, id or env): under TCG every program
@@ -82,7 +91,16 @@ if [ "$pti_switch" = 1 ]; then
   if [ -n "$pti_found" ]; then pti_groups=--init-groups; fi
   set -- /usr/bin/setpriv --reuid="$pti_uid" --regid="$pti_gid" $pti_groups -- "$@"
 fi
-exec "$@"
+# the command writes into files, not into qemu-ga's pipes: qemu-ga reports a command ended
+# only once its pipes close, which a process it started in the background may never do
+pti_t=${TMPDIR:-/tmp}/pti-exec.$$
+if ! { : >"$pti_t.1" && : >"$pti_t.2"; } 2>/dev/null; then exec "$@"; fi
+"$@" >"$pti_t.1" 2>"$pti_t.2"
+pti_code=$?
+cat -- "$pti_t.1"
+if [ -s "$pti_t.2" ]; then cat -- "$pti_t.2" >&2; fi
+rm -f -- "$pti_t.1" "$pti_t.2"
+exit $pti_code
 """
 
 
@@ -143,10 +161,16 @@ def spawn(
     argv: list[str],
     data: bytes | None,
     env: Mapping[str, str] | None = None,
+    deadline: float | None = None,
 ) -> int:
     """Start ``argv`` with guest-exec, output captured, ``env`` over a default PATH as its
     whole environment; its pid."""
     environment = {"PATH": DEFAULT_PATH, **(env or {})}
+    if data and len(data) > INLINE:
+        # past qemu-ga's limit for one message: into a file of the guest, in chunks, which
+        # becomes the command's stdin
+        argv = ["/bin/sh", "-c", FROM_FILE, "sh", upload(client, data), *argv]
+        data = None
     arguments: dict[str, Any] = {
         "path": argv[0],
         "arg": argv[1:],
@@ -155,14 +179,31 @@ def spawn(
     }
     if data:
         arguments["input-data"] = base64.b64encode(data).decode("ascii")
-    return int(client.request("guest-exec", arguments)["pid"])
+    return int(client.request("guest-exec", arguments, deadline=answer_by(deadline))["pid"])
+
+
+def upload(client: AgentClient, data: bytes) -> str:
+    """Write ``data`` into a new file of the guest's /tmp with guest-file-write, a chunk at a
+    time; its path."""
+    path = f"/tmp/pti-upload.{secrets.token_hex(8)}"
+    handle = client.request("guest-file-open", {"path": path, "mode": "w"}, path=path)
+    try:
+        view = memoryview(data)
+        for start in range(0, len(view), FILE_CHUNK):
+            chunk = base64.b64encode(view[start : start + FILE_CHUNK]).decode("ascii")
+            client.request("guest-file-write", {"handle": handle, "buf-b64": chunk}, path=path)
+    finally:
+        client.request("guest-file-close", {"handle": handle}, path=path)
+    return path
 
 
 def wait(client: AgentClient, pid: int, deadline: float | None) -> dict[str, Any] | None:
     """Poll guest-exec-status (quickly at first) until the command ends; None past deadline."""
     interval = POLL_FIRST
     while True:
-        status: dict[str, Any] = client.request("guest-exec-status", {"pid": pid})
+        status: dict[str, Any] = client.request(
+            "guest-exec-status", {"pid": pid}, deadline=answer_by(deadline)
+        )
         if status.get("exited"):
             return status
         if deadline is not None and time.monotonic() > deadline:
@@ -248,12 +289,13 @@ class StockAgent:
         started = time.monotonic()
         user = "" if request.user is None else str(request.user)
         argv = ["/bin/sh", "-c", WRAPPER, "sh", user, request.cwd or "", *_command_line(request)]
-        pid = spawn(client, argv, request.input, request.env)
         deadline = None if request.timeout is None else started + request.timeout + KILL_GRACE
+        pid = spawn(client, argv, request.input, request.env, deadline)
         status = wait(client, pid, deadline)
         if status is None:
             # `timeout` should have killed it: kill its group ourselves, and say so
-            spawn(client, ["kill", "-KILL", "--", f"-{pid}"], None)
+            with contextlib.suppress(AgentError):
+                spawn(client, ["kill", "-KILL", "--", f"-{pid}"], None, None, time.monotonic() + 5)
             return 137, b"", b"", True
         code, out, err = _outcome(status)
         elapsed = time.monotonic() - started
@@ -272,7 +314,7 @@ class StockAgent:
         try:
             while True:
                 reply = client.request(
-                    "guest-file-read", {"handle": handle, "count": 4 << 20}, path=path
+                    "guest-file-read", {"handle": handle, "count": FILE_CHUNK}, path=path
                 )
                 chunks.append(base64.b64decode(reply["buf-b64"]))
                 if reply["eof"] or not reply["count"]:
@@ -336,10 +378,17 @@ class StockAgent:
         found = self.stat(path)
         if found is None:
             raise FileNotFoundError(2, os.strerror(2), path)
+        # into a file, read in chunks: qemu-ga captures at most 16 MiB of a command's output
+        spool = f"/tmp/pti-archive.{secrets.token_hex(8)}"
         if _is_dir(found["lstat"]["mode"]):
-            return tool(self.client, 'tar -c -f - -C "$1" .', [path])
-        parent = posixpath.dirname(path.rstrip("/")) or "/"
-        return tool(self.client, 'tar -c -f - -C "$1" -- "$2"', [parent, posixpath.basename(path)])
+            args = [path, ".", spool]
+        else:
+            args = [posixpath.dirname(path.rstrip("/")) or "/", posixpath.basename(path), spool]
+        try:
+            tool(self.client, 'tar -c -f "$3" -C "$1" -- "$2"', args)
+            return self.read_file(spool)
+        finally:
+            tool(self.client, 'rm -f -- "$1"', [spool])
 
     def add_entropy(self, data: bytes) -> None:
         """Not for a stock agent: it has no command for the guest's random pool."""

@@ -9,10 +9,33 @@ values).
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Protocol
+
+from pytest_incus.errors import AgentError
 
 if TYPE_CHECKING:
     from pytest_incus.values import ExecRequest
+
+
+SILENCE = 60.0  # seconds an agent may take to answer one request of an exec
+
+
+def answer_by(deadline: float | None, wait: float = 0.0) -> float:
+    """When a request of an exec (that may wait ``wait`` seconds in the agent) must have been
+    answered: after ``wait`` and SILENCE, and by the exec's own ``deadline``."""
+    limit = time.monotonic() + wait + SILENCE
+    return limit if deadline is None else min(limit, deadline)
+
+
+class NoReply(AgentError):
+    """The agent did not answer a request by its deadline (stopped, killed, or a hung
+    guest). An exec that meets it carries what the command had written until then."""
+
+    def __init__(self, message: str, *, stdout: bytes = b"", stderr: bytes = b"") -> None:
+        super().__init__(message)
+        self.stdout = stdout
+        self.stderr = stderr
 
 
 class Peer(Protocol):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import secrets
 import time
 
 import pytest
@@ -153,3 +156,94 @@ def test_parallel_threads_share_the_client(agent_client: AgentClient) -> None:
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda i: run(agent_client, ["echo", str(i)]), range(20)))
     assert [r[1] for r in results] == [f"{i}\n" for i in range(20)]
+
+
+def test_exec_returns_when_the_command_exits_not_when_its_pipes_close(
+    agent_client: AgentClient,
+) -> None:
+    # a daemon that keeps stdout and stderr open must not hold the result back, nor lose
+    # what the command wrote before it exited
+    token = str(100_000 + secrets.randbelow(100_000))
+    started = time.monotonic()
+    code, out, err = run(
+        agent_client,
+        ["sh", "-c", f"setsid nohup sleep {token} & echo started; echo bye >&2"],
+        timeout=30,
+    )
+    elapsed = time.monotonic() - started
+    try:
+        assert (code, out, err) == (0, "started\n", "bye\n")
+        assert elapsed < 3, f"exec took {elapsed:.2f}s"
+        # the daemon runs on, as in a container, and the next exec is not disturbed by it
+        assert _pids(agent_client, f"sleep {token}"), "the background process was killed"
+        assert run(agent_client, ["echo", "next"])[1] == "next\n"
+    finally:
+        run(agent_client, ["kill", *_pids(agent_client, f"sleep {token}")])
+
+
+# the pids of the processes whose command line starts with $1 (VM images have no procps)
+PIDS_OF = (
+    'for p in /proc/[0-9]*; do tr "\\0" " " < $p/cmdline 2>/dev/null | grep -q "^$1 " '
+    '&& echo "${p#/proc/}"; done; true'
+)
+
+
+def _pids(agent_client: AgentClient, command: str) -> list[str]:
+    return run(agent_client, ["sh", "-c", PIDS_OF, "sh", command])[1].split()
+
+
+def test_output_larger_than_a_message_streams_intact(
+    agent_client: AgentClient, agent_target: AgentTarget
+) -> None:
+    if not agent_target.extensions:
+        pytest.skip("a stock qemu-ga captures at most 16 MiB of output (see the README)")
+    size = 80 << 20  # past the agent's 64 MiB message limit, in base64 too
+    result = agent_client.exec(
+        ExecRequest(
+            ("sh", "-c", f"head -c {size} /dev/zero; echo tail >&2"), {}, None, None, None, 120
+        )
+    )
+    assert result.exit_code == 0
+    assert len(result.stdout_bytes) == size
+    assert result.stdout_bytes.count(0) == size
+    assert result.stderr_bytes == b"tail\n"
+
+
+def test_input_larger_than_a_message_streams_intact(agent_client: AgentClient) -> None:
+    data = os.urandom(50 << 20)
+    result = agent_client.exec(ExecRequest(("sha256sum",), {}, None, None, data, 120))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+
+
+def test_input_and_output_at_once_do_not_deadlock(agent_client: AgentClient) -> None:
+    data = os.urandom(6 << 20)  # more than the pipes, both ways, hold
+    result = agent_client.exec(ExecRequest(("cat",), {}, None, None, data, 60))
+    assert result.exit_code == 0
+    assert result.stdout_bytes == data
+
+
+def test_a_command_that_ignores_signals_is_killed_with_its_tree_at_the_timeout(
+    agent_client: AgentClient, agent_target: AgentTarget, workdir: str
+) -> None:
+    marker = f"{workdir}/pids"
+    script = (
+        f"trap '' TERM INT HUP; sh -c \"trap '' TERM INT HUP; sleep 300\" & echo $! > {marker}; "
+    )
+    if agent_target.extensions:  # qemu-ga's timeout kills the process group (see the README)
+        script += f"setsid sleep 301 & echo $! >> {marker}; "
+    script += "while :; do sleep 1; done"
+    started = time.monotonic()
+    with pytest.raises(ExecTimeoutError):
+        run(agent_client, ["sh", "-c", script], timeout=1.5)
+    assert time.monotonic() - started < 1.5 + 5
+    pids = agent_client.read_file(marker).decode().split()
+    assert len(pids) == (2 if agent_target.extensions else 1)
+    alive = 'for p; do s=$(cut -d" " -f3 /proc/$p/stat 2>/dev/null) && [ "$s" != Z ] && echo $p; done; true'
+
+    def all_gone() -> bool:
+        code, out, _ = run(agent_client, ["sh", "-c", alive, "sh", *pids])
+        return code == 0 and out.strip() == ""
+
+    wait_until(all_gone, 10, f"descendants {pids} of a timed-out command to be killed")
+    assert run(agent_client, ["echo", "alive"])[1] == "alive\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import stat
 import tarfile
 
@@ -181,3 +182,22 @@ def test_put_refuses_members_outside_dest(agent_client: AgentClient, workdir: st
 def test_agent_target_workdir_exists(agent_client: AgentClient, agent_target: AgentTarget) -> None:
     found = agent_client.stat(agent_target.workdir)
     assert found is not None and stat.S_ISDIR(found[1].mode)
+
+
+def test_files_and_archives_larger_than_a_message(agent_client: AgentClient, workdir: str) -> None:
+    data = os.urandom(50 << 20)  # past the agent's 64 MiB message limit in base64
+    path = f"{workdir}/big.bin"
+    agent_client.write_file(path, data, 0o600)
+    assert agent_client.sha256(path) == hashlib.sha256(data).hexdigest()
+    assert agent_client.read_file(path) == data
+
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        member = tarfile.TarInfo("big.bin")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    agent_client.put_archive(archive.getvalue(), f"{workdir}/copy.bin", False)
+    assert agent_client.sha256(f"{workdir}/copy.bin") == hashlib.sha256(data).hexdigest()
+    with tarfile.open(fileobj=io.BytesIO(agent_client.get_archive(path))) as tar:
+        got = tar.extractfile("big.bin")
+        assert got is not None and got.read() == data

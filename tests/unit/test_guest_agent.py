@@ -164,7 +164,8 @@ def test_unknown_command_and_bad_arguments(wire: Wire) -> None:
     assert "must be an object" in error_of(
         wire.call_raw(b'{"execute": "guest-ping", "arguments": 3}')
     )
-    assert "argv" in error_of(wire.call("pti-exec", argv=[]))
+    assert "argv" in error_of(wire.call("pti-exec-start", argv=[]))
+    assert "no exec job" in error_of(wire.call("pti-exec-poll", job=424242))
     assert "handle" in error_of(wire.call("guest-file-read", handle=424242))
     assert wire.call("guest-ping") == {"return": {}}
 
@@ -182,7 +183,7 @@ def test_blocked_rpcs_refuse_and_show_disabled(wire: Wire) -> None:
     commands = {c["name"]: c for c in wire.call("guest-info")["return"]["supported_commands"]}
     assert commands["guest-shutdown"]["enabled"] is False
     assert commands["guest-exec"]["enabled"] is True
-    assert commands["pti-exec"]["enabled"] is True
+    assert commands["pti-exec-start"]["enabled"] is True
 
 
 def test_reconnect_after_a_half_sent_message(agent_socket: Path) -> None:
@@ -198,7 +199,7 @@ def test_reconnect_after_a_half_sent_message(agent_socket: Path) -> None:
 
 def test_disconnect_before_the_reply_does_not_hurt(agent_socket: Path) -> None:
     first = Wire(agent_socket)
-    first.send(b'{"execute": "pti-exec", "arguments": {"argv": ["sleep", "0.2"]}}')
+    first.send(b'{"execute": "pti-exec-poll", "arguments": {"job": 1, "wait": 0.2}}')
     first.close()
     second = Wire(agent_socket)
     try:
@@ -249,16 +250,27 @@ def test_guest_file_handles(wire: Wire, agent_socket: Path) -> None:
     assert missing["error"]["errno"] == 2
 
 
-def test_pti_exec_in_one_round_trip(wire: Wire) -> None:
-    reply = wire.call(
-        "pti-exec",
-        argv=["sh", "-c", 'echo "$PTI_E:$(pwd)"; exit 5'],
+def test_pti_exec_streams_a_job(wire: Wire) -> None:
+    job = wire.call(
+        "pti-exec-start",
+        argv=["sh", "-c", 'cat; echo "$PTI_E:$(pwd)"; exit 5'],
         env={"PTI_E": "x"},
         cwd="/",
-    )["return"]
-    assert reply["exitcode"] == 5
-    assert base64.b64decode(reply["out-data"]) == b"x:/\n"
-    assert reply["timed-out"] is False
+        stdin=True,
+    )["return"]["job"]
+    out = b""
+    data = base64.b64encode(b"in|").decode()
+    reply = wire.call("pti-exec-poll", job=job, input=data, eof=True, wait=1)["return"]
+    assert reply["taken"] == 3
+    deadline = time.monotonic() + 10
+    while True:
+        out += base64.b64decode(reply["out"])
+        if reply["exited"]:
+            break
+        assert time.monotonic() < deadline
+        reply = wire.call("pti-exec-poll", job=job, wait=1)["return"]
+    assert (reply["exitcode"], out, reply["timed-out"]) == (5, b"in|x:/\n", False)
+    assert "no exec job" in error_of(wire.call("pti-exec-poll", job=job))  # reported once
 
 
 def test_id_is_echoed(wire: Wire) -> None:
