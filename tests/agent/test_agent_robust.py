@@ -41,8 +41,12 @@ MALFORMED = [
     (b'{"execute": "guest-set-time", "arguments": {"time": 1e300}}', "time"),
     (b'{"execute": "guest-shutdown", "arguments": {"mode": 1}}', "mode|disabled"),
     (b'{"execute": "guest-exec", "arguments": {"path": ["sh"]}}', "path"),
-    (b'{"execute": "pti-exec", "arguments": {"argv": "sh"}}', "argv"),
-    (b'{"execute": "pti-exec", "arguments": {"argv": ["true"], "cwd": 5}}', "cwd must be a string"),
+    (b'{"execute": "pti-exec-start", "arguments": {"argv": "sh"}}', "argv"),
+    (
+        b'{"execute": "pti-exec-start", "arguments": {"argv": ["true"], "cwd": 5}}',
+        "cwd must be a string",
+    ),
+    (b'{"execute": "pti-exec-poll", "arguments": {"job": "x"}}', "no exec job"),
     (b'{"execute": "pti-write-file", "arguments": {"path": 5, "data": ""}}', "path"),
     (b'{"execute": "pti-add-entropy", "arguments": {"data": ["x"]}}', "pti-add-entropy"),
     (b'{"execute": "guest-file-seek", "arguments": {"handle": 1000, "offset": {}}}', "handle"),
@@ -130,13 +134,15 @@ ARGUMENTS = {
     "guest-file-close": ["handle"],
     "guest-shutdown": ["mode"],
     "guest-set-time": ["time"],
-    "pti-exec": ["env", "timeout", "input-data", "user", "cwd"],
+    "pti-exec-start": ["env", "timeout", "stdin", "user", "cwd"],
+    "pti-exec-poll": ["job", "input", "eof", "wait", "max", "kill"],
+    "pti-spool": [],
     "pti-stat": [],
     "pti-sha256": [],
-    "pti-read-file": [],
-    "pti-write-file": ["mode", "data"],
-    "pti-put": ["data", "tree"],
-    "pti-get": [],
+    "pti-read-file": ["offset", "count"],
+    "pti-write-file": ["mode", "data", "offset"],
+    "pti-put": ["data", "tree", "source"],
+    "pti-get": ["max"],
     "pti-remove": [],
     "pti-add-entropy": ["data"],
 }
@@ -160,7 +166,7 @@ def real_requests(draw: st.DrawFn, workdir: str) -> dict[str, Any]:
     fixed = {"path": f"{workdir}/f{draw(st.integers(0, 2))}", "dest": f"{workdir}/d"}
     if name == "guest-exec":
         fixed["path"] = "/bin/true"
-    if name == "pti-exec":
+    if name == "pti-exec-start":
         fixed["argv"] = ["true"]
     if "handle" in ARGUMENTS[name] and draw(st.booleans()):
         fixed["handle"] = draw(st.integers(1000, 1004))

@@ -358,7 +358,7 @@ def not_a_path(value: Any) -> bool:
 # command -> (the argument its first check looks at, values that check must refuse)
 GUARDED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "guest-exec": ("path", lambda v: not isinstance(v, str)),
-    "pti-exec": (
+    "pti-exec-start": (
         "argv",
         lambda v: not (isinstance(v, list) and v and all(isinstance(a, str) for a in v)),
     ),
@@ -374,14 +374,16 @@ GUARDED: dict[str, tuple[str, Callable[[Any], bool]]] = {
 # commands that act on nothing the agent has not opened or started (none is, here)
 UNOPENED = [
     "guest-exec-status",
+    "pti-exec-poll",
     "guest-file-read",
     "guest-file-write",
     "guest-file-seek",
     "guest-file-flush",
     "guest-file-close",
 ]
-# never on the host, whatever the arguments: they are fuzzed inside a VM
-HOST_UNSAFE = {"guest-shutdown", "guest-set-time", "pti-add-entropy"}
+# never on the host, whatever the arguments: they are fuzzed inside a VM (pti-spool makes a
+# file in the host's /var/tmp at each call)
+HOST_UNSAFE = {"guest-shutdown", "guest-set-time", "pti-add-entropy", "pti-spool"}
 
 
 def test_the_host_safe_lists_cover_every_command() -> None:
