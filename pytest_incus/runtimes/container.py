@@ -481,6 +481,8 @@ class Container:
         duration = time.monotonic() - started
         if error := outcome.error:
             where = f"container {self.name}"
+            if error["kind"] == "server":
+                raise IncusError(f"{where}: {argv!r}: {error['message']}")
             raise setup_error(
                 where,
                 argv,

@@ -178,9 +178,11 @@ OPERATIONS: dict[str, Callable[..., None]] = {
 #
 # Requests arrive on the server's socket (SOCK_SEQPACKET: one message each) as JSON, with file
 # descriptors: first a socket for the reply, then the request's stdio pipes. Replies on that
-# socket: for "exec", {"pid": true} with a pidfd of the command (the host reads its host pid
-# from the pidfd and can kill its tree at a timeout), then {"exit": code} when it ends; for a
-# file operation, {"exit": 0} when done. Errors: {"error": {"kind", "errno", "message"}}.
+# socket: for "exec", {"spawning": true} just before the command is spawned (it may stop the
+# container, or kill this server, before the next message), {"pid": true} with a pidfd of the
+# command (the host reads its host pid from the pidfd and can kill its tree at a timeout),
+# then {"exit": code} when it ends; for a file operation, {"exit": 0} when done. Errors:
+# {"error": {"kind", "errno", "message"}}.
 
 
 def _send(reply: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -254,6 +256,7 @@ class _Server:
         # as root with no other groups, spawn without switching ids: subprocess then uses
         # vfork, which does not copy this (forked pytest's) address space
         switch = who.uid != 0 or who.gid != 0 or who.groups != [0]
+        _send(reply, {"spawning": True})
         try:
             proc = subprocess.Popen(
                 argv,
