@@ -303,7 +303,10 @@ class Container:
         with lxc_errors(f"container {name}: reading its config", InstanceStartError):
             self._c = lxc.Container(name, str(directory.parent))
             got = self._c.get_config_item("lxc.rootfs.path")
-        self._server = ExecServer(self._c, name, lxc.LXC_ATTACH_CLEAR_ENV)
+        # busybox init collects orphans only once a second: the exec server does it
+        self._server = ExecServer(
+            self._c, name, lxc.LXC_ATTACH_CLEAR_ENV, reap_orphans=image.init == "busybox"
+        )
         expected = f"overlay:{image.rootfs}:{directory / 'upper'}"
         if got not in (expected, expected.removeprefix("overlay:")):
             raise InstanceStartError(

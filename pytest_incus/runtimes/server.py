@@ -226,10 +226,13 @@ class _Reply:
 class ExecServer:
     """Requests to the exec server inside one container."""
 
-    def __init__(self, container: Any, name: str, env_policy: int) -> None:
+    def __init__(
+        self, container: Any, name: str, env_policy: int, *, reap_orphans: bool = False
+    ) -> None:
         self._container = container
         self._name = name
         self._env_policy = env_policy
+        self._reap_orphans = reap_orphans  # see inside._Server._become_subreaper
         self._lock = threading.Lock()
         self._attached: _Attached | None = None
         self._dying: list[_Attached] = []  # killed, not yet collected
@@ -344,7 +347,7 @@ class ExecServer:
             with lxc_errors(f"container {self._name}: attaching its exec server"):
                 pid = self._container.attach(
                     inside.serve,
-                    (theirs.fileno(),),
+                    (theirs.fileno(), self._reap_orphans),
                     env_policy=self._env_policy,
                     stdin=devnull,
                     stdout=devnull,
