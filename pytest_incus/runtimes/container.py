@@ -319,7 +319,10 @@ class Container:
         with lxc_errors(f"container {name}: reading its config", InstanceStartError):
             self._c = lxc.Container(name, str(directory.parent))
             got = self._c.get_config_item("lxc.rootfs.path")
-        self._server = ExecServer(self._c, name, lxc.LXC_ATTACH_CLEAR_ENV)
+        # busybox init collects orphans only once a second: the exec server does it
+        self._server = ExecServer(
+            self._c, name, lxc.LXC_ATTACH_CLEAR_ENV, reap_orphans=image.init == "busybox"
+        )
         expected = f"overlay:{image.rootfs}:{directory / 'upper'}"
         if got not in (expected, expected.removeprefix("overlay:")):
             raise InstanceStartError(
@@ -509,6 +512,8 @@ class Container:
                     f"be made in it ({error['message']}); "
                     + (self._at_process_limit() or "the host refused it")
                 )
+            if error["kind"] == "server":
+                raise IncusError(f"{where}: {argv!r}: {error['message']}")
             raise setup_error(
                 where,
                 argv,

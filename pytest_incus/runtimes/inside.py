@@ -20,6 +20,7 @@ guest agent's own (``guest_agent``, standard library only), so they mean the sam
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import gc
 import hashlib  # noqa: F401  (used lazily by guest_agent.files: imported before attaching)
@@ -40,6 +41,8 @@ from guest_agent.errors import CommandError
 from guest_agent.execute import lookup_user, not_runnable, working_dir
 
 MAX_FDS = 4  # per request: the reply socket and up to three stdio pipes
+PR_SET_CHILD_SUBREAPER = 36
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: once attached, no library is found
 MAX_REQUEST = 1 << 20
 _CHUNK = 1 << 16
 
@@ -179,9 +182,11 @@ OPERATIONS: dict[str, Callable[..., None]] = {
 #
 # Requests arrive on the server's socket (SOCK_SEQPACKET: one message each) as JSON, with file
 # descriptors: first a socket for the reply, then the request's stdio pipes. Replies on that
-# socket: for "exec", {"pid": true} with a pidfd of the command (the host reads its host pid
-# from the pidfd and can kill its tree at a timeout), then {"exit": code} when it ends; for a
-# file operation, {"exit": 0} when done. Errors: {"error": {"kind", "errno", "message"}}.
+# socket: for "exec", {"spawning": true} just before the command is spawned (it may stop the
+# container, or kill this server, before the next message), {"pid": true} with a pidfd of the
+# command (the host reads its host pid from the pidfd and can kill its tree at a timeout),
+# then {"exit": code} when it ends; for a file operation, {"exit": 0} when done. Errors:
+# {"error": {"kind", "errno", "message"}}.
 
 
 def _send(reply: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -200,11 +205,26 @@ def _error(kind: str, message: str, err: int = 0, **details: Any) -> dict[str, A
 class _Server:
     """Spawns commands and runs file operations inside, until the host closes the socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, reap_orphans: bool) -> None:
         self.sock = sock
         self.selector = selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
         self.running: dict[int, tuple[subprocess.Popen[bytes], socket.socket]] = {}
+        self.wakeup: int | None = None
+        if reap_orphans:
+            self._become_subreaper()
+
+    def _become_subreaper(self) -> None:
+        """Adopt what our commands leave behind (their orphans) and collect each as it ends,
+        for an init that collects them late (busybox init: once a second, so a stream of
+        background commands keeps a crowd of zombies, which count against a pids limit)."""
+        if _LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            return  # then the container's init collects them, as before
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGCHLD, _wake)  # a handler, so that SIGCHLD is delivered
+        signal.set_wakeup_fd(write_end)
+        self.selector.register(read_end, selectors.EVENT_READ)
+        self.wakeup = read_end
 
     def run(self) -> None:
         while True:
@@ -212,8 +232,31 @@ class _Server:
                 if key.fileobj is self.sock:
                     if not self._receive():
                         return
+                elif key.fd == self.wakeup:
+                    self._reap_orphans()
                 else:
                     self._finished(int(key.fd))
+
+    def _reap_orphans(self) -> None:
+        """Collect our ended children that are not commands (whose ends ``_finished``
+        reports): the orphans we adopted."""
+        assert self.wakeup is not None
+        with contextlib.suppress(OSError):  # EAGAIN: drained
+            while os.read(self.wakeup, 512):
+                pass
+        me = os.getpid()
+        commands = {proc.pid for proc, _ in self.running.values()}
+        for entry in os.listdir("/proc"):  # the container's: our pid namespace's pids
+            if not entry.isdigit() or int(entry) in commands:
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] == "Z" and int(fields[1]) == me:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(int(entry), os.WNOHANG)
 
     def _receive(self) -> bool:
         try:
@@ -255,6 +298,7 @@ class _Server:
         # as root with no other groups, spawn without switching ids: subprocess then uses
         # vfork, which does not copy this (forked pytest's) address space
         switch = who.uid != 0 or who.gid != 0 or who.groups != [0]
+        _send(reply, {"spawning": True})
         try:
             proc = subprocess.Popen(
                 argv,
@@ -311,10 +355,14 @@ class _Server:
         reply.close()
 
 
-def serve(payload: tuple[int]) -> int:
+def _wake(signum: int, frame: object) -> None:
+    """SIGCHLD's handler: nothing; the signal's arrival wakes the server's loop."""
+
+
+def serve(payload: tuple[int, bool]) -> int:
     """The exec server's process: serve requests on socket ``payload[0]`` until the host
-    closes it, then exit."""
-    (sock_fd,) = payload
+    closes it, then exit; ``payload[1]``: collect the orphans of commands ourselves."""
+    sock_fd, reap_orphans = payload
     try:
         gc.disable()  # no finalizer of a copied object runs at a time we do not choose
         _neuter_inherited_fds(sock_fd)
@@ -323,6 +371,6 @@ def serve(payload: tuple[int]) -> int:
         # default back (subprocess restores it)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         os.chdir("/")
-        _Server(socket.socket(fileno=sock_fd)).run()
+        _Server(socket.socket(fileno=sock_fd), reap_orphans).run()
     finally:
         os._exit(0)

@@ -13,27 +13,47 @@ import os
 import selectors
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 _CHUNK = 1 << 16
-KILL_ROUNDS = 50
+KILL_DEADLINE = 2.0  # seconds kill_tree goes on stopping and killing what keeps appearing
+KILL_POLL = 0.005
+NEWS_GRACE = 1.0  # seconds to wait for news of a child's end once it is killed
+MUTE_POLL = 0.5  # seconds between looks at whether news of the child can still come
+PF_EXITING = 0x4  # in /proc/<pid>/stat's flags: the process has begun to exit
+_DEAD = ("Z", "X")  # zombies and the dying: nothing to signal, and they fork no more
 
 
-def _process_table() -> dict[int, tuple[int, int]]:
-    """Every process on the host: pid -> (parent pid, process group), in one pass of /proc."""
+class Entry(NamedTuple):
+    """One process of the host's process table, as /proc/<pid>/stat says."""
+
+    parent: int
+    group: int
+    session: int
+    state: str
+    flags: int
+
+
+def stat(pid: int) -> Entry | None:
+    """What /proc/<pid>/stat says of process ``pid``; None once it is gone (reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # the command name may hold spaces and parentheses: split after its last ')'
+            fields = f.read().rsplit(")", 1)[1].split()
+        return Entry(int(fields[1]), int(fields[2]), int(fields[3]), fields[0], int(fields[6]))
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _process_table() -> dict[int, Entry]:
+    """Every process on the host, in one pass of /proc."""
     table = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    # the command name may hold spaces and parentheses: split after its last ')'
-                    fields = f.read().rsplit(")", 1)[1].split()
-                table[int(entry)] = (int(fields[1]), int(fields[3]))
-            except (OSError, IndexError, ValueError):
-                continue
+        if entry.isdigit() and (found := stat(int(entry))) is not None:
+            table[int(entry)] = found
     return table
 
 
@@ -48,11 +68,11 @@ def cmdlines() -> Iterator[tuple[int, str]]:
             yield int(entry), raw.replace(b"\0", b" ").decode(errors="replace").strip()
 
 
-def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> list[int]:
+def descendants(pid: int, table: dict[int, Entry] | None = None) -> list[int]:
     """Every live descendant of ``pid`` (host pids)."""
     children: dict[int, list[int]] = {}
-    for child, (parent, _) in (table or _process_table()).items():
-        children.setdefault(parent, []).append(child)
+    for child, entry in (table or _process_table()).items():
+        children.setdefault(entry.parent, []).append(child)
     found, todo = [], list(children.get(pid, []))
     while todo:
         child = todo.pop()
@@ -61,20 +81,83 @@ def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> li
     return found
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid``, its process group and all its descendants, until none is left."""
-    for _ in range(KILL_ROUNDS):
-        table = _process_table()
-        group = {member for member, (_, pgid) in table.items() if pgid == pid}
-        targets = set(descendants(pid, table)) | group
-        if not targets:
+def pid_namespace(pid: int) -> int | None:
+    """The inode of the pid namespace process ``pid`` lives in (None once it is gone)."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def holders(inodes: Collection[int], namespace: int) -> list[int]:
+    """The processes of pid namespace ``namespace`` that hold an fd of a pipe of ``inodes``."""
+    links = {f"pipe:[{inode}]" for inode in inodes}
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and pid_namespace(int(entry)) == namespace:
+            with contextlib.suppress(OSError):
+                fds = os.listdir(f"/proc/{entry}/fd")
+                if any(_link(f"/proc/{entry}/fd/{fd}") in links for fd in fds):
+                    found.append(int(entry))
+    return found
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def _tree(pid: int, namespace: int | None, spare: Collection[int]) -> set[int]:
+    """``pid``, its descendants and the members of its process group and of its session that
+    can still be signalled: in ``namespace`` if given, never those in ``spare``."""
+    table = _process_table()
+    root = table.get(pid)
+    live = root is not None and root.state not in _DEAD
+    if namespace is not None and live and pid_namespace(pid) != namespace:
+        return set()  # a live process of another namespace: its tree is not ours
+    found = {member for member, e in table.items() if pid in (e.group, e.session)}
+    if root is not None:
+        found |= {pid, *descendants(pid, table)}
+    return {
+        member
+        for member in found
+        if member in table
+        and table[member].state not in _DEAD
+        and member not in spare
+        and (namespace is None or pid_namespace(member) == namespace)
+    }
+
+
+def _signal_all(pids: Collection[int], sig: signal.Signals) -> None:
+    for target in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, sig)
+
+
+def kill_tree(pid: int, *, namespace: int | None = None, spare: Collection[int] = ()) -> None:
+    """SIGKILL ``pid``, its process group, its session and all its descendants, until none
+    is left (or KILL_DEADLINE has passed).
+
+    The tree is frozen first: every member is sent SIGSTOP until no new one turns up. A
+    stopped process forks no more, and its children stay its descendants instead of going to
+    an init when it dies, so a tree that keeps forking cannot outrun us. ``namespace`` (a
+    pid namespace's inode) limits it to the processes of one container, ``spare`` never
+    touches those pids (a container's init)."""
+    deadline = time.monotonic() + KILL_DEADLINE
+    stopped: set[int] = set()
+    while time.monotonic() < deadline:
+        new = _tree(pid, namespace, spare) - stopped
+        if not new:
             break
-        for target in targets:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(target, signal.SIGKILL)
-        time.sleep(0.005)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+        _signal_all(new, signal.SIGSTOP)
+        stopped |= new
+    # signalled afresh from a new listing, never from ``stopped``: a pid there may have been
+    # killed by someone else, reaped, and reused since
+    while (targets := _tree(pid, namespace, spare)) and time.monotonic() < deadline:
+        _signal_all(targets, signal.SIGKILL)
+        time.sleep(KILL_POLL)
 
 
 class Child(Protocol):
@@ -89,7 +172,16 @@ class Child(Protocol):
         ...
 
     def kill(self) -> None:
-        """Kill the child and everything it started."""
+        """Kill the child and everything it started (at its timeout)."""
+        ...
+
+    def mute(self) -> bool:
+        """True if no news can come any more (whoever would bring it is stopped or gone)."""
+        ...
+
+    def abandon(self) -> None:
+        """Stop waiting for news that will not come: kill whoever would have brought it, so
+        that it cannot bring it to anyone else either."""
         ...
 
 
@@ -140,7 +232,9 @@ class Pipes:
 
         Returns stdout, stderr and whether it was killed at the timeout. The child's end is
         noticed through ``child``, not through end of file: a daemon it started may hold the
-        output pipes open forever."""
+        output pipes open forever. Whatever the child does, this returns within ``timeout``
+        and a bounded grace: past the timeout the child is killed and its news awaited for
+        NEWS_GRACE at most, and news that cannot come (``child.mute()``) is never awaited."""
         for fd in self.child_ends:
             self._close(fd)  # the child holds its own copies
         chunks: dict[int, list[bytes]] = {self.stdout_r: [], self.stderr_r: []}
@@ -160,11 +254,25 @@ class Pipes:
                 self._close(self.stdin_w)
             ended = False
             while not ended:
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                # wake at the deadline, and now and then to see that news can still come
+                wait = MUTE_POLL
+                if deadline is not None:
+                    wait = min(wait, max(0.0, deadline - time.monotonic()))
                 events = sel.select(wait)
-                if not events and deadline is not None and time.monotonic() >= deadline:
-                    timed_out, deadline = True, None
+                # the clock is read whatever came: a command that writes without pause must
+                # time out too
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    if timed_out:  # killed, and no news since: nobody will bring it
+                        child.abandon()
+                        break
+                    timed_out, deadline = True, now + NEWS_GRACE
                     child.kill()  # then wait for the news of its end, as for any other
+                # news that cannot come is awaited no longer: at once when killed at the
+                # timeout, else (no timeout) when next looked at
+                if (deadline is None or timed_out) and not events and child.mute():
+                    child.abandon()
+                    break
                 for key, _ in events:
                     fd = int(key.fd)
                     if fd == child.fileno():

@@ -3,6 +3,7 @@ timeouts, large output and background processes."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import secrets
@@ -10,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from integration_helpers import host_descendants, host_processes
+from integration_helpers import host_descendants, host_processes, wait_until
 
 from pytest_incus import (
     ExecError,
@@ -293,3 +294,46 @@ def test_debian_missing_program_in_bash_and_argv(debian: Instance) -> None:
     for cmd in (["pti-missing"], "pti-missing"):
         r = debian.exec(cmd)
         assert r.exit_code == 127 and "pti-missing" in r.stderr and "not found" in r.stderr
+
+
+# -- zombies ---------------------------------------------------------------------------------
+
+
+def _zombies(instance: Instance) -> list[str]:
+    """``pid ppid name`` of every zombie in the instance, read from /proc (no ps needed)."""
+    listing = instance.exec(
+        'for f in /proc/[0-9]*/stat; do read -r line < $f && echo "$line"; done 2>/dev/null'
+    ).stdout
+    found = []
+    for line in listing.splitlines():
+        head, _, rest = line.rpartition(")")
+        fields = rest.split()
+        if fields and fields[0] == "Z":
+            found.append(f"{head.split()[0]} {fields[1]} {head.split('(', 1)[1]}")
+    return found
+
+
+@pytest.mark.parametrize("image", ["busybox", "debian/12"])
+def test_background_commands_leave_no_zombies(
+    instance_factory: InstanceFactory, image: str
+) -> None:
+    # each command's background child outlives it and is orphaned; whoever adopts it must
+    # collect it as it ends (busybox init alone does so only once a second)
+    inst = instance_factory.launch(image=image)
+
+    def states(pids: list[str]) -> list[str]:
+        probe = " ".join(f"/proc/{pid}/stat" for pid in pids)
+        out = inst.exec(f"cat {probe} 2>/dev/null || true").stdout
+        return [line.rsplit(")", 1)[1].split()[0] for line in out.splitlines()]
+
+    try:
+        for _ in range(3):
+            pids = [inst.exec("sleep 0.1 & echo $!").stdout.strip() for _ in range(5)]
+            assert all(pid.isdigit() for pid in pids), pids
+            ended = functools.partial(lambda p: set(states(p)) <= {"Z"}, pids)
+            collected = functools.partial(lambda p: states(p) == [], pids)
+            wait_until(ended, 10, "the background sleeps ended")
+            wait_until(collected, 0.5, f"{image}: their zombies collected")
+        assert _zombies(inst) == []
+    finally:
+        inst.delete()
