@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import NamedTuple, Protocol
 
 _CHUNK = 1 << 16
-KILL_DEADLINE = 2.0  # seconds kill_tree goes on stopping and killing what keeps appearing
+KILL_DEADLINE = 2.0  # seconds kill_tree goes on stopping (then killing) what keeps appearing
 KILL_POLL = 0.005
 NEWS_GRACE = 1.0  # seconds to wait for news of a child's end once it is killed
 MUTE_POLL = 0.5  # seconds between looks at whether news of the child can still come
@@ -145,19 +145,41 @@ def kill_tree(pid: int, *, namespace: int | None = None, spare: Collection[int] 
     an init when it dies, so a tree that keeps forking cannot outrun us. ``namespace`` (a
     pid namespace's inode) limits it to the processes of one container, ``spare`` never
     touches those pids (a container's init)."""
+    # each phase has a deadline of its own, and the kill at least one pass: on a loaded host a
+    # listing of a thousand-process tree takes long, and a stopped tree that is never killed
+    # would stay, stopped, until its container ends
     deadline = time.monotonic() + KILL_DEADLINE
     stopped: set[int] = set()
-    while time.monotonic() < deadline:
-        new = _tree(pid, namespace, spare) - stopped
-        if not new:
-            break
+    while new := _tree(pid, namespace, spare) - stopped:
         _signal_all(new, signal.SIGSTOP)
         stopped |= new
+        if time.monotonic() > deadline:
+            break
     # signalled afresh from a new listing, never from ``stopped``: a pid there may have been
     # killed by someone else, reaped, and reused since
-    while (targets := _tree(pid, namespace, spare)) and time.monotonic() < deadline:
+    deadline = time.monotonic() + KILL_DEADLINE
+    while targets := _tree(pid, namespace, spare):
         _signal_all(targets, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            break
         time.sleep(KILL_POLL)
+
+
+def end_children_in(namespace: int) -> list[int]:
+    """SIGKILL and collect the children of this process that live in pid namespace
+    ``namespace`` (the servers liblxc attached into a container): a zombie of ours there keeps
+    the container's init from ending, and so liblxc's stop from returning. Returns their
+    pids."""
+    me = os.getpid()
+    ended = []
+    for pid, entry in _process_table().items():
+        if entry.parent == me and pid_namespace(pid) == namespace:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            ended.append(pid)
+    return ended
 
 
 class Child(Protocol):
