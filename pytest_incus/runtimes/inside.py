@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import tarfile  # noqa: F401  (the same)
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -198,6 +199,24 @@ def _send(reply: socket.socket, message: dict[str, Any], fds: list[int] | None =
             reply.send(data)
 
 
+FORK_PATIENCE = 2.0  # seconds a spawn is retried while the container is at its process limit
+FORK_RETRY = 0.002
+
+
+def _spawn(argv: list[str], **options: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen``, retried for FORK_PATIENCE while the kernel refuses a new process
+    (EAGAIN): a container at its process limit (a build at its peak, what a fork bomb left
+    running) frees a slot now and then, and the command should get it rather than fail."""
+    deadline = time.monotonic() + FORK_PATIENCE
+    while True:
+        try:
+            return subprocess.Popen(argv, **options)
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN or time.monotonic() > deadline:
+                raise
+        time.sleep(FORK_RETRY)
+
+
 def _error(kind: str, message: str, err: int = 0, **details: Any) -> dict[str, Any]:
     return {"error": {"kind": kind, "errno": err, "message": message, **details}}
 
@@ -300,7 +319,7 @@ class _Server:
         switch = who.uid != 0 or who.gid != 0 or who.groups != [0]
         _send(reply, {"spawning": True})
         try:
-            proc = subprocess.Popen(
+            proc = _spawn(
                 argv,
                 stdin=stdio[0],
                 stdout=stdio[1],
