@@ -382,13 +382,16 @@ class ExecServer:
 
     def close(self) -> None:
         """Close the server's socket, wait for the server to exit (it does when it sees
-        that; past CLOSE_GRACE it is killed) and collect its exit."""
+        that; past CLOSE_GRACE, or at once if it is stopped, it is killed) and collect its exit."""
         with self._lock:
             attached, self._attached = self._attached, None
             if attached is not None:
                 self._dying.append(attached)
                 attached.sock.close()
-        if attached is not None and not self.collect(attached, CLOSE_GRACE):
-            self.kill(attached, "it did not exit when its socket was closed")
+        if attached is not None:
+            if attached.silent():  # stopped: it would not see the closed socket in time
+                self.kill(attached, "it was stopped (SIGSTOP) when it was closed")
+            elif not self.collect(attached, CLOSE_GRACE):
+                self.kill(attached, "it did not exit when its socket was closed")
         for dying in list(self._dying):
             self.collect(dying, COLLECT_GRACE)
