@@ -237,7 +237,10 @@ class Bench:
 
     def raw(self, image: str) -> RawContainer:
         """A raw container of ``image``, not started yet."""
-        spec = InstanceSpec.parse("container", image, {}, where="bench")
+        # the same limits as the plugin's containers get (the default process limit too)
+        spec = InstanceSpec.parse("container", image, {}, where="bench").with_defaults(
+            max_processes=self.settings.max_processes
+        )
         raw = RawContainer(self.settings, spec, self.lower(image)[1], self.hook)
         self.names.append(raw.name)
         return raw
