@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from wire_helpers import RawWire
 
 import guest_agent
 from pytest_incus.agent import AgentClient
@@ -31,6 +30,8 @@ from pytest_incus.factory import InstanceFactory
 from pytest_incus.images.store import ImageStore
 from pytest_incus.settings import Settings, default_cache_dir
 from pytest_incus.values import ExecRequest
+
+__all__ = ["RawWire"]
 
 SCRATCH_ROOT = Path("/var/cache/pytest-incus-tests")
 NOBODY = 65534
@@ -220,35 +221,3 @@ def external_stock() -> Iterator[AgentTarget]:
 if os.environ.get(EXTERNAL_ENV):
     TARGETS["external"] = external
     TARGETS["external-stock"] = external_stock
-
-
-class RawWire:
-    """A raw connection to an agent's socket: bytes out, reply lines in (for malformed
-    input that no client would send). The agent serves one connection at a time: close the
-    AgentClient first (it reconnects at its next request)."""
-
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.buffer = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        """The next reply line, without its newline."""
-        while b"\n" not in self.buffer:
-            chunk = self.sock.recv(1 << 20)
-            assert chunk, "the agent closed the connection"
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line
-
-    def reply(self) -> dict[str, Any]:
-        """The next reply, parsed (a 0xFF before it, of guest-sync-delimited, dropped)."""
-        reply: dict[str, Any] = json.loads(self.line().lstrip(b"\xff"))
-        return reply
-
-    def close(self) -> None:
-        self.sock.close()

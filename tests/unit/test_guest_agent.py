@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from wire_helpers import RawWire
 
 import guest_agent
 from guest_agent.protocol import MAX_MESSAGE
@@ -65,46 +65,10 @@ def agent_socket() -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-class Wire:
-    """A raw connection to the agent: bytes out, reply lines in."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
-        self.buffer = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\n" not in self.buffer:
-            chunk = self.sock.recv(1 << 20)
-            assert chunk, "the agent closed the connection"
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line
-
-    def reply(self) -> dict[str, Any]:
-        reply: dict[str, Any] = json.loads(self.line())
-        return reply
-
-    def call(self, command: str, **arguments: Any) -> dict[str, Any]:
-        self.send(json.dumps({"execute": command, "arguments": arguments}).encode())
-        return self.reply()
-
-    def call_raw(self, message: bytes) -> dict[str, Any]:
-        self.send(message)
-        return self.reply()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
-def wire(agent_socket: Path) -> Iterator[Wire]:
+def wire(agent_socket: Path) -> Iterator[RawWire]:
     """A fresh raw connection (the agent serves one at a time)."""
-    w = Wire(agent_socket)
+    w = RawWire(agent_socket)
     yield w
     w.close()
 
@@ -120,17 +84,17 @@ def not_found(reply: dict[str, Any]) -> str:
     return error_of(reply, "CommandNotFound")
 
 
-def test_sync_delimited_reply_starts_with_0xff(wire: Wire) -> None:
+def test_sync_delimited_reply_starts_with_0xff(wire: RawWire) -> None:
     wire.send(b'\xff{"execute": "guest-sync-delimited", "arguments": {"id": 1234}}')
     assert wire.line() == b'\xff{"return":1234}'
 
 
-def test_sync_and_ping(wire: Wire) -> None:
+def test_sync_and_ping(wire: RawWire) -> None:
     assert wire.call("guest-sync", id=7) == {"return": 7}
     assert wire.call("guest-ping") == {"return": {}}
 
 
-def test_requests_split_and_joined_anyhow(wire: Wire) -> None:
+def test_requests_split_and_joined_anyhow(wire: RawWire) -> None:
     wire.send(b'{"execute": "guest-ping"}{"execute": "guest-sync", "argu')
     wire.send(b'ments": {"id": 9}}\n  {"execute": "guest-sync", "arguments": {"id": "}{\\""}}')
     assert [wire.reply() for _ in range(3)] == [
@@ -140,7 +104,7 @@ def test_requests_split_and_joined_anyhow(wire: Wire) -> None:
     ]
 
 
-def test_malformed_json_gets_an_error_then_service_goes_on(wire: Wire) -> None:
+def test_malformed_json_gets_an_error_then_service_goes_on(wire: RawWire) -> None:
     wire.send(b'{"execute": guest-ping}')
     assert "malformed JSON" in error_of(wire.reply())
     wire.send(b"not json at all\n")
@@ -150,13 +114,13 @@ def test_malformed_json_gets_an_error_then_service_goes_on(wire: Wire) -> None:
     assert wire.call("guest-ping") == {"return": {}}
 
 
-def test_0xff_discards_a_half_sent_message(wire: Wire) -> None:
+def test_0xff_discards_a_half_sent_message(wire: RawWire) -> None:
     wire.send(b'{"execute": "guest-exec", "arguments": {"pa')
     wire.send(b'\xff{"execute": "guest-sync-delimited", "arguments": {"id": 5}}')
     assert wire.line() == b'\xff{"return":5}'
 
 
-def test_unknown_command_and_bad_arguments(wire: Wire) -> None:
+def test_unknown_command_and_bad_arguments(wire: RawWire) -> None:
     assert "has not been found" in not_found(wire.call("guest-no-such-thing"))
     assert "execute" in error_of(wire.call_raw(b'{"arguments": {}}'))
     assert "pid" in error_of(wire.call("guest-exec-status", pid="not a pid"))
@@ -170,7 +134,7 @@ def test_unknown_command_and_bad_arguments(wire: Wire) -> None:
     assert wire.call("guest-ping") == {"return": {}}
 
 
-def test_oversized_message_gets_an_error_and_is_skipped(wire: Wire) -> None:
+def test_oversized_message_gets_an_error_and_is_skipped(wire: RawWire) -> None:
     payload = "A" * (MAX_MESSAGE + 1024)
     message = json.dumps({"execute": "guest-sync", "arguments": {"id": payload}}).encode()
     wire.send(message + b'{"execute": "guest-sync", "arguments": {"id": 77}}')
@@ -178,7 +142,7 @@ def test_oversized_message_gets_an_error_and_is_skipped(wire: Wire) -> None:
     assert wire.reply() == {"return": 77}
 
 
-def test_blocked_rpcs_refuse_and_show_disabled(wire: Wire) -> None:
+def test_blocked_rpcs_refuse_and_show_disabled(wire: RawWire) -> None:
     assert "disabled" in not_found(wire.call("guest-shutdown", mode="powerdown"))
     commands = {c["name"]: c for c in wire.call("guest-info")["return"]["supported_commands"]}
     assert commands["guest-shutdown"]["enabled"] is False
@@ -187,10 +151,10 @@ def test_blocked_rpcs_refuse_and_show_disabled(wire: Wire) -> None:
 
 
 def test_reconnect_after_a_half_sent_message(agent_socket: Path) -> None:
-    first = Wire(agent_socket)
+    first = RawWire(agent_socket)
     first.send(b'{"execute": "guest-sync", "arguments": {"id": ')
     first.close()
-    second = Wire(agent_socket)
+    second = RawWire(agent_socket)
     try:
         assert second.call("guest-sync", id=2) == {"return": 2}
     finally:
@@ -198,17 +162,17 @@ def test_reconnect_after_a_half_sent_message(agent_socket: Path) -> None:
 
 
 def test_disconnect_before_the_reply_does_not_hurt(agent_socket: Path) -> None:
-    first = Wire(agent_socket)
+    first = RawWire(agent_socket)
     first.send(b'{"execute": "pti-exec-poll", "arguments": {"job": 1, "wait": 0.2}}')
     first.close()
-    second = Wire(agent_socket)
+    second = RawWire(agent_socket)
     try:
         assert second.call("guest-sync", id=3) == {"return": 3}
     finally:
         second.close()
 
 
-def test_guest_exec_and_status(wire: Wire) -> None:
+def test_guest_exec_and_status(wire: RawWire) -> None:
     started = wire.call(
         "guest-exec",
         path="/bin/sh",
@@ -227,11 +191,11 @@ def test_guest_exec_and_status(wire: Wire) -> None:
     assert "pid" in error_of(wire.call("guest-exec-status", pid=pid))  # reported once
 
 
-def test_guest_exec_of_a_missing_program(wire: Wire) -> None:
+def test_guest_exec_of_a_missing_program(wire: RawWire) -> None:
     assert "no-such-program" in error_of(wire.call("guest-exec", path="/no-such-program"))
 
 
-def test_guest_file_handles(wire: Wire, agent_socket: Path) -> None:
+def test_guest_file_handles(wire: RawWire, agent_socket: Path) -> None:
     path = str(agent_socket.parent / "handles.txt")
     handle = wire.call("guest-file-open", path=path, mode="w")["return"]
     data = base64.b64encode(b"0123456789").decode()
@@ -250,7 +214,7 @@ def test_guest_file_handles(wire: Wire, agent_socket: Path) -> None:
     assert missing["error"]["errno"] == 2
 
 
-def test_pti_exec_streams_a_job(wire: Wire) -> None:
+def test_pti_exec_streams_a_job(wire: RawWire) -> None:
     job = wire.call(
         "pti-exec-start",
         argv=["sh", "-c", 'cat; echo "$PTI_E:$(pwd)"; exit 5'],
@@ -273,7 +237,7 @@ def test_pti_exec_streams_a_job(wire: Wire) -> None:
     assert "no exec job" in error_of(wire.call("pti-exec-poll", job=job))  # reported once
 
 
-def test_id_is_echoed(wire: Wire) -> None:
+def test_id_is_echoed(wire: RawWire) -> None:
     wire.send(b'{"execute": "guest-ping", "id": "abc"}')
     assert wire.reply() == {"return": {}, "id": "abc"}
 
@@ -281,7 +245,7 @@ def test_id_is_echoed(wire: Wire) -> None:
 NESTED = b'{"execute":"guest-ping","arguments":{"x":' + b"[" * 200000 + b"]" * 200000 + b"}}"
 
 
-def test_deeply_nested_json_gets_an_error_and_the_agent_lives(wire: Wire) -> None:
+def test_deeply_nested_json_gets_an_error_and_the_agent_lives(wire: RawWire) -> None:
     wire.send(NESTED)
     assert "nested 200002 levels deep" in error_of(wire.reply())
     wire.send(b'{"execute":"guest-ping","arguments":{"x":' + b"[" * 200000)  # never closed
@@ -303,7 +267,7 @@ def test_deeply_nested_json_gets_an_error_and_the_agent_lives(wire: Wire) -> Non
     ],
     ids=["nan", "infinity", "1e999", "5000-digits", "duplicate-key", "bad-utf8", "surrogate"],
 )
-def test_json_that_qemu_ga_refuses_gets_an_error(wire: Wire, message: bytes, desc: str) -> None:
+def test_json_that_qemu_ga_refuses_gets_an_error(wire: RawWire, message: bytes, desc: str) -> None:
     assert desc in error_of(wire.call_raw(message))
     assert wire.call("guest-ping") == {"return": {}}
 
@@ -319,14 +283,14 @@ def test_json_that_qemu_ga_refuses_gets_an_error(wire: Wire, message: bytes, des
         (b'{"id": 1}', "lacks member 'execute'"),
     ],
 )
-def test_requests_of_the_wrong_shape_get_an_error(wire: Wire, message: bytes, desc: str) -> None:
+def test_requests_of_the_wrong_shape_get_an_error(wire: RawWire, message: bytes, desc: str) -> None:
     assert desc in error_of(wire.call_raw(message))
 
 
 @pytest.mark.parametrize(
     "raw_id", [b"null", b"0", b"-1.5", b"true", b'"x"', b"[1, [2]]", b'{"a": {"b": null}}']
 )
-def test_an_id_of_any_type_is_echoed_on_success_and_error(wire: Wire, raw_id: bytes) -> None:
+def test_an_id_of_any_type_is_echoed_on_success_and_error(wire: RawWire, raw_id: bytes) -> None:
     value = json.loads(raw_id)
     assert wire.call_raw(b'{"execute": "guest-ping", "id": ' + raw_id + b"}") == {
         "return": {},
@@ -338,7 +302,7 @@ def test_an_id_of_any_type_is_echoed_on_success_and_error(wire: Wire, raw_id: by
     assert (failed["id"], failed["error"]["class"]) == (value, "GenericError")
 
 
-def test_wrong_argument_types_name_the_command_and_where(wire: Wire) -> None:
+def test_wrong_argument_types_name_the_command_and_where(wire: RawWire) -> None:
     desc = error_of(wire.call("guest-file-seek", handle="x", offset=[]))
     assert "handle" in desc
     desc = error_of(wire.call("pti-stat", path="\ud800"))  # a lone surrogate: not a path
@@ -346,7 +310,7 @@ def test_wrong_argument_types_name_the_command_and_where(wire: Wire) -> None:
     assert wire.call("guest-ping") == {"return": {}}
 
 
-def test_0xff_after_a_backslash_still_discards_the_half_sent_message(wire: Wire) -> None:
+def test_0xff_after_a_backslash_still_discards_the_half_sent_message(wire: RawWire) -> None:
     wire.send(b'{"execute": "guest-sync", "arguments": {"id": "cut after \\')
     wire.send(b'\xff{"execute": "guest-sync-delimited", "arguments": {"id": 8}}')
     assert wire.line() == b'\xff{"return":8}'
