@@ -31,6 +31,7 @@ REPLY_SIZE = 1 << 16
 CLOSE_GRACE = 2.0  # seconds for the server to exit once its socket is closed
 COLLECT_GRACE = 1.0  # seconds for a server we killed to become collectable
 COLLECT_POLL = 0.001
+ATTACH_RETRY = 0.005  # seconds between attaches refused for the process limit
 INIT_END_GRACE = 0.5  # seconds for an app's init to end after the last other process
 _STOPPED = ("T", "t")
 
@@ -344,15 +345,22 @@ class ExecServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         devnull = os.open(os.devnull, os.O_RDWR)
         try:
-            with lxc_errors(f"container {self._name}: attaching its exec server"):
-                pid = self._container.attach(
-                    inside.serve,
-                    (theirs.fileno(), self._reap_orphans),
-                    env_policy=self._env_policy,
-                    stdin=devnull,
-                    stdout=devnull,
-                    stderr=devnull,
-                )
+            # a container at its process limit (what a fork bomb left running) refuses the
+            # attach's fork now and then: try again while it runs, as the server does a spawn
+            deadline = time.monotonic() + inside.FORK_PATIENCE
+            while True:
+                with lxc_errors(f"container {self._name}: attaching its exec server"):
+                    pid = self._container.attach(
+                        inside.serve,
+                        (theirs.fileno(), self._reap_orphans),
+                        env_policy=self._env_policy,
+                        stdin=devnull,
+                        stdout=devnull,
+                        stderr=devnull,
+                    )
+                if pid >= 0 or time.monotonic() > deadline or not self._container.running:
+                    break
+                time.sleep(ATTACH_RETRY)
         finally:
             os.close(devnull)
             theirs.close()
