@@ -88,6 +88,7 @@ class InstanceFactory:
         except BaseException:
             claims.release(name, directory)
             raise
+        machine = None
         try:
             registry.write_record(directory, kind=spec.kind, image=spec.image, owner=self._owner)
             machine = runtime.create(spec, name, directory, self.images)
@@ -103,6 +104,12 @@ class InstanceFactory:
             self._live[name] = instance
             machine.start()
         except BaseException as exc:
+            if machine is not None:
+                # the machine ends what it started itself (a container's exec server, our
+                # child: left to the reap by name, it would stay our zombie in the container
+                # and keep its stop waiting); the reap then removes the rest
+                with contextlib.suppress(Exception):
+                    machine.destroy()
             registry.remove_instance(self.settings, name, spec.kind)
             self._live.pop(name, None)
             if isinstance(exc, OSError):  # of the host's files: the instance's own are inside

@@ -464,11 +464,6 @@ class Container:
             with lxc_errors(f"container {name}: stopping it"):
                 c = lxc.Container(name, str(directory.parent))
                 if c.running:
-                    # an exec server of ours that nobody closed (a launch cut short by a
-                    # signal, say) would, once killed with the container, stay our zombie
-                    # and keep liblxc's stop waiting
-                    if (namespace := process.pid_namespace(c.init_pid)) is not None:
-                        process.end_children_in(namespace)
                     c.stop()
                     c.wait("STOPPED", STOP_GRACE)
         # after a failed start the monitor is still cleaning up when liblxc returns

@@ -165,23 +165,6 @@ def kill_tree(pid: int, *, namespace: int | None = None, spare: Collection[int] 
         time.sleep(KILL_POLL)
 
 
-def end_children_in(namespace: int) -> list[int]:
-    """SIGKILL and collect the children of this process that live in pid namespace
-    ``namespace`` (the servers liblxc attached into a container): a zombie of ours there keeps
-    the container's init from ending, and so liblxc's stop from returning. Returns their
-    pids."""
-    me = os.getpid()
-    ended = []
-    for pid, entry in _process_table().items():
-        if entry.parent == me and pid_namespace(pid) == namespace:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            ended.append(pid)
-    return ended
-
-
 class Child(Protocol):
     """What ``Pipes.communicate`` needs of the process at the other end of the pipes."""
 
