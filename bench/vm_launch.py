@@ -75,7 +75,7 @@ def raw_launch(settings: Settings, images: ImageStore, init: str) -> float:
     directory.mkdir(parents=True)
     registry.write_record(directory, kind="vm", image=IMAGE, owner=Owner.current())
     try:
-        machine = vm.VmRuntime().create(spec, directory.name, directory, images)
+        machine = vm.VmRuntime().create(spec, directory.name, directory, images, None)
         argv = machine.qemu_argv()
         started = time.monotonic()
         child = subprocess.Popen(

@@ -91,7 +91,7 @@ class InstanceFactory:
         machine = None
         try:
             registry.write_record(directory, kind=spec.kind, image=spec.image, owner=self._owner)
-            machine = runtime.create(spec, name, directory, self.images)
+            machine = runtime.create(spec, name, directory, self.images, None)
             instance = Instance(
                 machine,
                 spec,

@@ -66,3 +66,27 @@ class ExecRequest:
     user: str | int | None
     input: bytes | None
     timeout: float | None  # seconds; None for no limit
+
+
+@dataclass(frozen=True)
+class NetworkAttachment:
+    """An instance's place on a host-only network (``pytest_incus.network``): everything
+    its runtime needs to plug it in, the same for every kind.
+
+    The instance gets ``address``/``prefix`` on one interface with MAC ``mac``, no default
+    route, and ``gateway`` (the host's address on the bridge) as its DNS server, which
+    answers the names of the instances on the network.
+    """
+
+    network: str  # the network's name: "bridged" or the user's own
+    bridge: str  # the host bridge the instance's link joins
+    device: str  # host side of that link, named by us: a veth peer (liblxc) or a tap (QEMU)
+    address: str  # the instance's IPv4 address, "10.213.0.5"
+    prefix: int  # the network's prefix length
+    gateway: str  # the host's address on the bridge: DNS server, never a default route
+    mac: str  # the instance's MAC, "0a:70:74:00:00:05": derived from its address
+
+    @property
+    def resolv_conf(self) -> str:
+        """The ``/etc/resolv.conf`` the instance gets: the network's DNS server only."""
+        return f"nameserver {self.gateway}\noptions timeout:1 attempts:2\n"

@@ -36,7 +36,7 @@ from pytest_incus.runtimes.container import (
     ContainerRuntime,
 )
 from pytest_incus.spec import InstanceSpec
-from pytest_incus.values import ExecRequest, ExecResult
+from pytest_incus.values import ExecRequest, ExecResult, NetworkAttachment
 
 LOG = "app.log"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -67,10 +67,17 @@ class AppRuntime(ContainerRuntime):
             return f"{', '.join(missing)} missing: apt-get install lxc skopeo umoci"
         return None
 
-    def create(self, spec: InstanceSpec, name: str, directory: Path, images: ImageStore) -> App:
+    def create(
+        self,
+        spec: InstanceSpec,
+        name: str,
+        directory: Path,
+        images: ImageStore,
+        network: NetworkAttachment | None,
+    ) -> App:
         """Fetch (or find) the image and prepare the app's overlay and LXC config."""
         lower, hook = self.prepare(spec, name, directory, images)
-        return App(spec, name, directory, lower, hook)
+        return App(spec, name, directory, lower, hook, network)
 
     def check_image(self, name: str, image: Image, lower: Image, images: ImageStore) -> None:
         """Nothing to check: an app runs its own program, not the image's /sbin/init (whether
@@ -132,7 +139,13 @@ class App(Container):
     """One application container."""
 
     def __init__(
-        self, spec: InstanceSpec, name: str, directory: Path, image: Image, hook: Path
+        self,
+        spec: InstanceSpec,
+        name: str,
+        directory: Path,
+        image: Image,
+        hook: Path,
+        network: NetworkAttachment | None = None,
     ) -> None:
         if image.app is None:
             raise InstanceStartError(f"image {spec.image!r} has no OCI config recorded")
@@ -156,7 +169,7 @@ class App(Container):
         self._execute: subprocess.Popen[bytes] | None = None
         self._exit_code: int | None = None  # of the last run, once collected
         self._log: IO[bytes] | None = None
-        super().__init__(spec, name, directory, image, hook)
+        super().__init__(spec, name, directory, image, hook, network)
 
     def _extra_config(self) -> list[str]:
         uid, gid = _ids(self.image.rootfs, self.config.user)

@@ -40,7 +40,7 @@ from pytest_incus.runtimes import cgroups, inside, mounts, process, readiness
 from pytest_incus.runtimes.liblxc import lxc_errors
 from pytest_incus.runtimes.server import ExecServer
 from pytest_incus.spec import InstanceSpec
-from pytest_incus.values import ExecRequest, ExecResult, Stat
+from pytest_incus.values import ExecRequest, ExecResult, NetworkAttachment, Stat
 
 log = logging.getLogger("pytest_incus")
 
@@ -245,11 +245,16 @@ class ContainerRuntime:
         return None
 
     def create(
-        self, spec: InstanceSpec, name: str, directory: Path, images: ImageStore
+        self,
+        spec: InstanceSpec,
+        name: str,
+        directory: Path,
+        images: ImageStore,
+        network: NetworkAttachment | None,
     ) -> Container:
         """Prepare the overlay and LXC config of a new container."""
         lower, hook = self.prepare(spec, name, directory, images)
-        return Container(spec, name, directory, lower, hook)
+        return Container(spec, name, directory, lower, hook, network)
 
     def prepare(
         self, spec: InstanceSpec, name: str, directory: Path, images: ImageStore
@@ -307,12 +312,19 @@ class Container:
     """One system container."""
 
     def __init__(
-        self, spec: InstanceSpec, name: str, directory: Path, image: Image, hook: Path
+        self,
+        spec: InstanceSpec,
+        name: str,
+        directory: Path,
+        image: Image,
+        hook: Path,
+        network: NetworkAttachment | None = None,
     ) -> None:
         self.spec = spec
         self.name = name
         self.directory = directory
         self.image = image
+        self.network = network
         self._mounts = mounts.plan(spec.mounts, directory)
         self._write_config(hook)
         lxc = _lxc()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pytest_incus.values import ExecRequest, ExecResult, Stat
+from pytest_incus.values import ExecRequest, ExecResult, NetworkAttachment, Stat
 
 if TYPE_CHECKING:
     # annotations only: defining the protocol must not import the image store and all it
@@ -98,8 +98,20 @@ class Runtime(Protocol):
         """None if this host can run the kind, else why not and what to do."""
         ...
 
-    def create(self, spec: InstanceSpec, name: str, directory: Path, images: ImageStore) -> Machine:
-        """Prepare an instance in ``directory`` (which exists); ``start()`` boots it."""
+    def create(
+        self,
+        spec: InstanceSpec,
+        name: str,
+        directory: Path,
+        images: ImageStore,
+        network: NetworkAttachment | None,
+    ) -> Machine:
+        """Prepare an instance in ``directory`` (which exists); ``start()`` boots it.
+
+        ``network`` is its place on a host-only network (already leased, its bridge up), or
+        None for no network: the runtime plugs the instance in, its own way (a veth for
+        containers and apps, a tap with virtio-net for VMs), and gives it that address, MAC
+        and DNS server."""
         ...
 
     def shell(self, name: str, directory: Path, command: list[str] | None) -> int:

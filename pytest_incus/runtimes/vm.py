@@ -43,7 +43,7 @@ from pytest_incus.images.ref import parse_ref
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.runtimes import accel, qemu, readiness, snapshot
 from pytest_incus.spec import VM_INITS, InstanceSpec
-from pytest_incus.values import ExecRequest, ExecResult, Stat
+from pytest_incus.values import ExecRequest, ExecResult, NetworkAttachment, Stat
 
 log = logging.getLogger("pytest_incus")
 
@@ -115,7 +115,12 @@ class VmRuntime:
         return accel.qemu_missing()
 
     def create(
-        self, spec: InstanceSpec, name: str, directory: Path, images: ImageStore
+        self,
+        spec: InstanceSpec,
+        name: str,
+        directory: Path,
+        images: ImageStore,
+        network: NetworkAttachment | None,
     ) -> VirtualMachine:
         """Choose the accelerator, get the VM image and make the instance's overlay disk."""
         settings = images.settings
@@ -139,7 +144,7 @@ class VmRuntime:
                 images,
             )
         _make_overlay(name, directory, _pin(image.disk, directory / BASE))
-        return VirtualMachine(spec, name, directory, image, chosen, images)
+        return VirtualMachine(spec, name, directory, image, chosen, images, network)
 
     def reap(self, name: str, directory: Path) -> None:
         """Kill the QEMU a dead run left for ``name`` (only if still that process)."""
@@ -260,8 +265,10 @@ class VirtualMachine:
         image: Image,
         chosen: accel.Accel,
         images: ImageStore,
+        network: NetworkAttachment | None = None,
     ) -> None:
         self.spec = spec
+        self.network = network
         self.name = name
         self.directory = directory
         self.image = image
