@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pytest_incus.network import links
 from pytest_incus.ownership import Owner
 from pytest_incus.settings import Settings
 from pytest_incus.values import NetworkAttachment
@@ -30,7 +31,7 @@ def attach(
 def make_tap(attachment: NetworkAttachment) -> None:
     """Make the tap device ``attachment.device`` on its bridge, up (for a VM's QEMU:
     ``-netdev tap,ifname=DEVICE,script=no,downscript=no``). ``detach`` removes it."""
-    raise NotImplementedError
+    links.make_tap(attachment.device, attachment.bridge)
 
 
 def detach(settings: Settings, instance: str, directory: Path) -> None:

@@ -1,0 +1,103 @@
+"""The host's network devices that pytest-incus makes: bridges, tap devices, and the veth
+peers that liblxc makes on them. Every change goes through one ``ip -batch`` run, so a bridge
+costs one process, not five; nothing here touches a device whose name is not ours."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pytest_incus import tools
+from pytest_incus.errors import IncusError
+
+PREFIX = "pti"  # every device made here: bridges ptib*, taps ptit*, veth peers ptiv*
+SYSFS = Path("/sys/class/net")
+IP_TIMEOUT = 20.0
+
+
+def ours(name: str) -> bool:
+    """True for a device name this module makes."""
+    return name.startswith(PREFIX)
+
+
+def exists(name: str) -> bool:
+    """True if the host has a network device ``name``."""
+    return (SYSFS / name).exists()
+
+
+def present() -> list[str]:
+    """The names of the host's devices that this module made (of every cache directory)."""
+    try:
+        return sorted(p.name for p in SYSFS.iterdir() if ours(p.name))
+    except OSError:
+        return []
+
+
+def master(name: str) -> str | None:
+    """The bridge device ``name`` is a port of, or None."""
+    try:
+        return (
+            (SYSFS / name / "master").resolve().name if (SYSFS / name / "master").exists() else None
+        )
+    except OSError:
+        return None
+
+
+def batch(commands: Sequence[str], *, what: str) -> None:
+    """Run ``ip`` commands (one per line, as ``ip -batch`` takes them); IncusError if one fails."""
+    tools.run(
+        ["ip", "-batch", "-"],
+        input="\n".join(commands).encode() + b"\n",
+        what=f"ip ({what})",
+        error=IncusError,
+        fix="pytest-incus doctor says whether host-only networks work here",
+        timeout=IP_TIMEOUT,
+    )
+
+
+def make_bridge(name: str, address: str, prefix: int) -> None:
+    """A bridge ``name`` with the host's address ``address/prefix`` on it, up: no STP, no
+    forward delay, so a new port forwards at once."""
+    _check(name)
+    batch(
+        [
+            f"link add {name} type bridge stp_state 0 forward_delay 0",
+            f"addr add {address}/{prefix} dev {name}",
+            f"link set {name} up",
+        ],
+        what=f"making bridge {name}",
+    )
+
+
+def make_tap(name: str, bridge: str) -> None:
+    """A tap device ``name`` (for QEMU's ``-netdev tap,ifname=...``), a port of ``bridge``, up."""
+    _check(name)
+    if exists(name):
+        delete([name])  # of a crashed launch of the same instance name
+    batch(
+        [
+            f"tuntap add dev {name} mode tap",
+            f"link set {name} master {bridge}",
+            f"link set {name} up",
+        ],
+        what=f"making tap {name} on {bridge}",
+    )
+
+
+def delete(names: Sequence[str]) -> None:
+    """Delete the devices ``names`` that exist (only ours)."""
+    names = [n for n in names if ours(n) and exists(n)]
+    if names:
+        # "-force": go on past a device that vanished in between
+        tools.run(
+            ["ip", "-force", "-batch", "-"],
+            input="".join(f"link delete {n}\n" for n in names).encode(),
+            what=f"ip (deleting {', '.join(names)})",
+            error=IncusError,
+            timeout=IP_TIMEOUT,
+        )
+
+
+def _check(name: str) -> None:
+    if not ours(name) or len(name) > 15:
+        raise ValueError(f"not a device name of ours: {name!r}")
