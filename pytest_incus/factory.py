@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from pytest_incus import claims, registry
+from pytest_incus import claims, network, registry
 from pytest_incus.errors import ConfigError, IncusError, InstanceStartError, UnavailableError
 from pytest_incus.images.store import ImageStore
 from pytest_incus.instance import Instance
@@ -91,13 +91,19 @@ class InstanceFactory:
         machine = None
         try:
             registry.write_record(directory, kind=spec.kind, image=spec.image, owner=self._owner)
-            machine = runtime.create(spec, name, directory, self.images, None)
+            attachment = None
+            if spec.network not in (None, "none"):
+                attachment = network.attach(
+                    self.settings, spec.network, name, directory, self._owner
+                )
+            machine = runtime.create(spec, name, directory, self.images, attachment)
             instance = Instance(
                 machine,
                 spec,
                 exec_timeout=self.settings.exec_timeout,
                 on_delete=self._delete,
                 on_use=self.use,
+                network=attachment,
             )
             # live before it starts: whatever cuts the start short (a signal included),
             # close() still deletes what it made
@@ -174,6 +180,7 @@ class InstanceFactory:
             return  # the user asked for it to stay, for a look inside after the run
         try:
             instance.machine.destroy()
+            network.detach(self.settings, instance.name, instance.directory)
         except Exception:
             self._forget(instance)  # nothing more to try here; reap can
             raise
@@ -198,6 +205,10 @@ class InstanceFactory:
                     self._delete(instance)
             except (IncusError, OSError) as exc:
                 errors.append(f"{instance.name}: {exc}")
+        try:
+            network.sweep(self.settings)  # the bridges nobody uses now, of any run
+        except (IncusError, OSError) as exc:
+            errors.append(f"networks: {exc}")
         if errors:
             raise IncusError(
                 "could not delete every instance: " + "; ".join(errors) + "; run pytest-incus reap"

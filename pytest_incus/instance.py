@@ -22,7 +22,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from pytest_incus.errors import ConfigError, ExecError, IncusError, NotRunningError
 from pytest_incus.runtimes.protocol import Machine
 from pytest_incus.spec import InstanceSpec
-from pytest_incus.values import ExecRequest, ExecResult, InstanceState, Stat
+from pytest_incus.values import ExecRequest, ExecResult, InstanceState, NetworkAttachment, Stat
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,10 @@ class Instance:
         exec_timeout: float,
         on_delete: Callable[[Instance], None],
         on_use: Callable[[Instance], None],
+        network: NetworkAttachment | None = None,
     ) -> None:
         self.machine = machine
+        self.network = network
         self.spec = spec
         self._exec_timeout = exec_timeout
         self._on_delete = on_delete

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import filelock
 
-from pytest_incus import claims, fsutil
+from pytest_incus import claims, fsutil, network
 from pytest_incus.ownership import Owner
 from pytest_incus.runtimes import cgroups, get_runtime, process
 from pytest_incus.settings import Settings
@@ -108,10 +108,12 @@ def _reap_lock(settings: Settings) -> filelock.FileLock:
 
 
 def remove_instance(settings: Settings, name: str, kind: str) -> None:
-    """Remove all of instance ``name``: its processes, cgroups, mounts and directory."""
+    """Remove all of instance ``name``: its processes, cgroups, mounts, network lease and
+    device, and directory."""
     directory = settings.instances_dir / name
     try:
         get_runtime(kind).reap(name, directory)
+        network.detach(settings, name, directory)
     finally:
         forget(directory)
 
@@ -149,6 +151,7 @@ def reap(
             log.info("reaping instance %s left by a process that is gone", directory.name)
             remove_instance(settings, directory.name, kind)
             removed.append(directory.name)
+        network.sweep(settings)  # leases of instances gone, bridges nobody uses
     claims.sweep()
     return removed
 
@@ -175,4 +178,5 @@ def leftovers(settings: Settings, name: str) -> list[str]:
     claim = claims.read(name)
     if claim is not None and claim.directory == directory:
         found.append(f"name claim {claims.claims_dir() / name}")
+    found += network.leftovers(settings, name)
     return found

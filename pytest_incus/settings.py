@@ -48,6 +48,8 @@ class Settings:
     accel: str = "auto"  # VMs: "kvm", "tcg", or "auto" (probe that KVM really runs a guest)
     insecure_registries: frozenset[str] = frozenset()  # host[:port] of plain-HTTP registries
     vm_snapshots: bool = True  # VMs resume a saved first boot (runtimes/snapshot.py)
+    subnet: str | None = None  # networks' IPv4 range; None: chosen (network/subnet.py)
+    default_network: str = "none"  # the network of instances whose spec names none
 
     def __post_init__(self) -> None:
         path = str(self.cache_dir)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import ipaddress
 import json
 import logging
 import os
@@ -56,7 +57,8 @@ STOP_GRACE = 5  # seconds (liblxc takes an int)
 # ones a user namespace may set
 UNPRIVILEGED_OVERLAY_OPTIONS = "userxattr"
 
-CGROUPS_RECORD = "cgroups.json"  # where the container's cgroups may be, written before start
+CGROUPS_RECORD = "cgroups.json"
+RESOLV_CONF = "resolv.conf"  # a networked container's /etc/resolv.conf, bound in  # where the container's cgroups may be, written before start
 
 _HALT_SIGNALS = {"systemd": "SIGRTMIN+3", "busybox": "SIGUSR2"}
 
@@ -136,12 +138,14 @@ def write_config(
     hook: Path,
     staged: Sequence[mounts.StagedMount],
     extra: Sequence[str] = (),
+    network: NetworkAttachment | None = None,
 ) -> None:
     """Write the LXC config file of container ``name`` in ``directory``, and make its overlay
     directories: the one config writer, used by ``Container`` and by the launch benchmark's
     raw liblxc column, so that the two cannot drift apart. ``hook`` is the rootfs check,
     ``staged`` the host paths the host mounts at each start (runtimes/mounts.py), ``extra``
-    lines of kinds built on containers (apps)."""
+    lines of kinds built on containers (apps), ``network`` its place on a host-only network
+    (see ``network_config``)."""
     d = directory
     for sub in ("upper", "work"):
         (d / sub).mkdir(exist_ok=True)
@@ -154,7 +158,7 @@ def write_config(
     lines = [
         f"lxc.uts.name = {name}",
         f"lxc.rootfs.path = overlay:{rootfs}",
-        "lxc.net.0.type = empty",
+        *network_config(network, d),
         "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed:force",
         "lxc.autodev = 1",
         "lxc.tty.max = 0",
@@ -210,6 +214,31 @@ def write_config(
     fsutil.write_atomic(d / "config", "\n".join(lines) + "\n")
 
 
+def network_config(network: NetworkAttachment | None, directory: Path) -> list[str]:
+    """The LXC config lines of a container's network: none (loopback only), or a veth pair
+    whose host side joins the network's bridge, with the instance's MAC and static address,
+    no gateway (so no default route), and ``/etc/resolv.conf`` naming the network's DNS
+    server, bound read-only from ``directory/resolv.conf`` as container engines do (the
+    image's own file, or a symlink to a resolver it does not run, would name servers the
+    instance cannot reach)."""
+    if network is None:
+        return ["lxc.net.0.type = empty"]
+    resolv = directory / RESOLV_CONF
+    fsutil.write_atomic(resolv, network.resolv_conf)
+    interface = ipaddress.IPv4Network(f"{network.address}/{network.prefix}", strict=False)
+    return [
+        "lxc.net.0.type = veth",
+        f"lxc.net.0.link = {network.bridge}",
+        f"lxc.net.0.veth.pair = {network.device}",
+        "lxc.net.0.name = eth0",
+        f"lxc.net.0.hwaddr = {network.mac}",
+        # with its broadcast address: liblxc would make a wrong one of a bare prefix
+        f"lxc.net.0.ipv4.address = {network.address}/{network.prefix} {interface.broadcast_address}",
+        "lxc.net.0.flags = up",
+        f"lxc.mount.entry = {resolv} etc/resolv.conf none bind,ro,create=file 0 0",
+    ]
+
+
 class ContainerRuntime:
     """Makes system containers."""
 
@@ -217,11 +246,6 @@ class ContainerRuntime:
 
     def check(self, spec: InstanceSpec) -> None:
         """Reject what containers cannot do yet."""
-        if spec.network != "none":
-            raise ConfigError(
-                f"network={spec.network!r} is not supported yet for containers; "
-                "only network='none' (no network) works in this version"
-            )
         if spec.cpus is not None and spec.cpus > (os.cpu_count() or 1):
             raise ConfigError(f"cpus={spec.cpus} but this host has only {os.cpu_count()} CPUs")
         if spec.memory is not None and spec.memory < MIN_MEMORY:
@@ -358,6 +382,7 @@ class Container:
             hook,
             self._mounts,
             self._extra_config(),
+            self.network,
         )
 
     def _extra_config(self) -> list[str]:

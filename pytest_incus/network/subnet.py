@@ -1,0 +1,78 @@
+"""Which IPv4 range the networks use: the configured one, or one no route of this host uses.
+
+A run's networks each get a /24 of one subnet (``--incus-subnet``, ini ``incus_subnet``). Left
+unset, the first of ``CANDIDATES`` that overlaps no route and no address of the host is chosen
+once and recorded in the cache directory's network state, so that every worker of a run, and
+every later run on that cache, agrees on it. A subnet that overlaps a route of the host (other
+than one of this cache's own bridges) is a ConfigError: an instance's address would then shadow
+a real destination of the host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Collection, Iterable
+
+from pytest_incus import tools
+from pytest_incus.errors import ConfigError, IncusError
+
+Net = ipaddress.IPv4Network
+# 10.0.0.0/8 is private, and its upper half is seldom used by default configurations (Docker
+# takes 172.17+/16, Incus a random 10.x.y.0/24, libvirt 192.168.122.0/24)
+CANDIDATES = tuple(ipaddress.IPv4Network(f"10.{n}.0.0/16") for n in range(213, 256))
+NETWORK_PREFIX = 24  # each network is a /24 of the subnet: 253 instances
+
+
+def host_routes() -> list[tuple[Net, str]]:
+    """Every IPv4 route of the host (all tables, default routes left out) with its device."""
+    said = tools.run(
+        ["ip", "-4", "-j", "route", "show", "table", "all"],
+        what="ip route (the host's routes)",
+        error=IncusError,
+        timeout=20,
+    )
+    routes = []
+    for route in json.loads(said.stdout or b"[]"):
+        dst = route.get("dst", "")
+        if dst in ("", "default"):
+            continue  # the default route is no conflict: a more specific one wins over it
+        try:
+            routes.append((ipaddress.IPv4Network(dst, strict=False), str(route.get("dev", ""))))
+        except ValueError:
+            continue
+    return routes
+
+
+def overlapping(subnet: Net, routes: Iterable[tuple[Net, str]], own: Collection[str]) -> list[str]:
+    """The routes (described) of devices not in ``own`` that overlap ``subnet``."""
+    return [f"{net} dev {dev}" for net, dev in routes if dev not in own and net.overlaps(subnet)]
+
+
+def choose(routes: Iterable[tuple[Net, str]]) -> Net:
+    """The first candidate subnet that no route of the host overlaps."""
+    routes = list(routes)
+    for candidate in CANDIDATES:
+        if not overlapping(candidate, routes, ()):
+            return candidate
+    raise ConfigError(
+        f"every subnet pytest-incus would choose ({CANDIDATES[0]} to {CANDIDATES[-1]}) "
+        "overlaps a route of this host; give a free one with --incus-subnet (ini incus_subnet)"
+    )
+
+
+def check(subnet: Net, routes: Iterable[tuple[Net, str]], own: Collection[str]) -> None:
+    """ConfigError if ``subnet`` overlaps a route of the host that is not one of ``own``."""
+    if clash := overlapping(subnet, routes, own):
+        raise ConfigError(
+            f"--incus-subnet {subnet} overlaps the host's route {clash[0]}: instances would "
+            "shadow addresses the host really uses; give another subnet (--incus-subnet, ini "
+            "incus_subnet), or leave it unset to let pytest-incus choose a free one"
+        )
+
+
+def networks(subnet: Net) -> Iterable[Net]:
+    """The /24 networks of ``subnet``, in order (the subnet itself if it is a /24)."""
+    if subnet.prefixlen >= NETWORK_PREFIX:
+        return [subnet]
+    return subnet.subnets(new_prefix=NETWORK_PREFIX)
