@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pytest_incus import registry
+from pytest_incus import network, registry
 from pytest_incus.errors import IncusError
 from pytest_incus.factory import InstanceFactory
 from pytest_incus.images import vm as vm_images
@@ -26,6 +26,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         cache_dir=Path(args.cache_dir).absolute(),
         mirror=args.mirror,
         insecure_registries=frozenset(args.insecure_registry),
+        subnet=args.subnet,
     )
 
 
@@ -42,7 +43,8 @@ def _human(size: float) -> str:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Really start a busybox container (with a deadline) and say what this host can run."""
+    """Really start a busybox container (with a deadline), probe VMs and host-only networks,
+    and say what this host can run."""
     settings = _settings(args)
     problems = 0
     print(f"cache directory: {settings.cache_dir}")
@@ -68,7 +70,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         print(f"app: cannot run: {reason}")
         problems += 1
+    problems += _doctor_network(settings)
     return 1 if problems else 0
+
+
+def _doctor_network(settings: Settings) -> int:
+    """Say whether host-only networks work here (the network module really makes one and
+    removes it again); 1 if they do not."""
+    try:
+        reason = network.probe(settings)
+    except IncusError as exc:  # say a subnet that cannot work here: the doctor goes on
+        reason = str(exc)
+    if reason is None:
+        print("network: ok (a bridge, its DNS server and firewall table made and removed)")
+    else:
+        print(f"network: cannot run: {reason}")
+        return 1
+    return 0
 
 
 def _doctor_vm(settings: Settings) -> int:
@@ -242,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="image cache and instance directory (default %(default)s)",
     )
     parser.add_argument("--mirror", default=DEFAULT_MIRROR, help="Debian mirror for builds")
+    parser.add_argument(
+        "--subnet",
+        default=None,
+        metavar="NET/PREFIX",
+        help="IPv4 range of the host-only networks, as --incus-subnet (default: chosen "
+        "automatically)",
+    )
     parser.add_argument(
         "--insecure-registry",
         action="append",

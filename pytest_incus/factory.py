@@ -68,7 +68,9 @@ class InstanceFactory:
 
     def launch_spec(self, spec: InstanceSpec) -> Instance:
         """Launch the instance ``spec`` describes (already checked)."""
-        spec = spec.with_defaults(max_processes=self.settings.max_processes)
+        spec = spec.with_defaults(
+            max_processes=self.settings.max_processes, network=self.settings.default_network
+        )
         runtime = get_runtime(spec.kind)
         reason = runtime.unavailable()
         if reason:
@@ -92,7 +94,7 @@ class InstanceFactory:
         try:
             registry.write_record(directory, kind=spec.kind, image=spec.image, owner=self._owner)
             attachment = None
-            if spec.network not in (None, "none"):
+            if spec.network and spec.network != "none":
                 attachment = network.attach(
                     self.settings, spec.network, name, directory, self._owner
                 )

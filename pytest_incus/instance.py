@@ -1,7 +1,8 @@
 """``Instance``: what a test holds, the same for every kind.
 
 Everything here is kind-independent: the shell-or-argv rule of ``exec``, ``check=True``, the
-``docker cp``-like semantics of ``push``/``pull`` and ``file()`` checks. The kind-specific work
+``docker cp``-like semantics of ``push``/``pull``, ``file()`` checks, and the waits for a port
+(from the host, at the instance's network address) or a log line. The kind-specific work
 is done by the instance's ``Machine``.
 """
 
@@ -12,17 +13,37 @@ import functools
 import io
 import math
 import os
+import re
+import socket
 import stat as stat_module
 import tarfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeGuard, TypeVar
 
-from pytest_incus.errors import ConfigError, ExecError, IncusError, NotRunningError
+from pytest_incus.errors import (
+    ConfigError,
+    ExecError,
+    IncusError,
+    NotRunningError,
+    WaitTimeoutError,
+    tail,
+)
 from pytest_incus.runtimes.protocol import Machine
 from pytest_incus.spec import InstanceSpec
 from pytest_incus.values import ExecRequest, ExecResult, InstanceState, NetworkAttachment, Stat
+
+# How often wait_for_port and wait_for_log look again: a fraction of the time a service takes
+# to start, and still cheap (a refused connection or a read of the log costs microseconds).
+POLL_INTERVAL = 0.02
+# A connection attempt that gets no answer at all (no refusal: the instance's interface is not
+# up yet, or its guest is slow) is given up after this long and tried anew, so that a listener
+# that appears meanwhile is seen soon; attempts that keep timing out get twice as long each, up
+# to CONNECT_LONGEST, so that a guest that answers slowly (a loaded TCG VM) is still reached.
+CONNECT_FIRST = 0.25
+CONNECT_LONGEST = 2.0
 
 
 @dataclass(frozen=True)
@@ -144,8 +165,8 @@ class Instance:
         network: NetworkAttachment | None = None,
     ) -> None:
         self.machine = machine
-        self.network = network
         self.spec = spec
+        self.network = network
         self._exec_timeout = exec_timeout
         self._on_delete = on_delete
         self._on_use = on_use
@@ -176,6 +197,12 @@ class Instance:
         if self._state is InstanceState.RUNNING and not self.machine.running():
             self._state = InstanceState.STOPPED
         return self._state
+
+    @property
+    def ipv4(self) -> str | None:
+        """The instance's IPv4 address on its host-only network, which the host (the test)
+        reaches; None for ``network="none"``."""
+        return None if self.network is None else self.network.address
 
     @property
     def directory(self) -> Path:
@@ -235,14 +262,8 @@ class Instance:
         every kind, for an instance stopped or deleted, before the block or (stopped by
         itself) when the block failed for it."""
         __tracebackhide__ = True
-        if self._state is InstanceState.DELETED:
-            raise NotRunningError(
-                f"{asked}: {self.kind} {self.name} was deleted; launch a new instance"
-            )
-        if self._state is InstanceState.STOPPED:
-            raise NotRunningError(
-                f"{asked}: {self.kind} {self.name} is stopped (not running); start() it first"
-            )
+        if error := self._not_running(asked):
+            raise error
         try:
             yield
         except IncusError as exc:
@@ -251,11 +272,37 @@ class Instance:
             if isinstance(exc, NotRunningError) or self.machine.running():
                 raise
             self._state = InstanceState.STOPPED
-            raise NotRunningError(
-                f"{asked}: {self.kind} {self.name} is stopped (not running: it stopped by "
-                "itself, see logs()); start() it again",
-                exc=exc,
-            ) from exc
+            raise self._stopped_by_itself(asked, exc) from exc
+
+    def _not_running(self, asked: str) -> NotRunningError | None:
+        """The error for ``asked`` of an instance that was deleted or stopped (by ``stop()``,
+        or by itself, as ``state`` last saw); None if it was running."""
+        if self._state is InstanceState.DELETED:
+            return NotRunningError(
+                f"{asked}: {self.kind} {self.name} was deleted; launch a new instance"
+            )
+        if self._state is InstanceState.STOPPED:
+            return NotRunningError(
+                f"{asked}: {self.kind} {self.name} is stopped (not running); start() it first"
+            )
+        return None
+
+    def _stopped_by_itself(self, asked: str, exc: IncusError | None = None) -> NotRunningError:
+        return NotRunningError(
+            f"{asked}: {self.kind} {self.name} is stopped (not running: it stopped by "
+            "itself, see logs()); start() it again",
+            exc=exc,
+        )
+
+    def _still_running(self, asked: str) -> None:
+        """Raise NotRunningError at once if the instance was deleted, stopped, or stopped by
+        itself (looked at now): for waits, which have nothing to fail on their own."""
+        __tracebackhide__ = True
+        if error := self._not_running(asked):
+            raise error
+        if not self.machine.running():
+            self._state = InstanceState.STOPPED
+            raise self._stopped_by_itself(asked)
 
     # -- files -----------------------------------------------------------------------------
 
@@ -396,6 +443,103 @@ class Instance:
             _limit(f"wait(timeout={timeout!r})", timeout)
         return self.machine.wait(timeout)
 
+    # -- waiting for a service ---------------------------------------------------------------
+
+    @_uses
+    def wait_for_port(self, port: int, *, timeout: float = 30.0) -> None:
+        """Return once a TCP connection from the host to ``ipv4:port`` succeeds (it is closed
+        again at once): the service inside listens and is reachable from the test.
+
+        WaitTimeoutError (a TimeoutError) with the tail of ``logs()`` past ``timeout``
+        seconds (0: try once); NotRunningError at once if the instance stops or is deleted
+        meanwhile; ConfigError for an instance with no network (launch it with
+        ``network="bridged"``).
+        """
+        __tracebackhide__ = True
+        asked = f"wait_for_port({port!r})"
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise _wrong(asked, "port", port, "a TCP port number (an int from 1 to 65535)")
+        seconds = _seconds(asked, timeout)
+        address = self.ipv4
+        if address is None:
+            raise ConfigError(
+                f"{asked}: {self.kind} {self.name} has no network (network="
+                f"{self.spec.network or 'none'!r}), so the host cannot reach its ports; "
+                'launch it with network="bridged" (or the name of a network)'
+            )
+        deadline = time.monotonic() + seconds
+        attempt = CONNECT_FIRST
+        while True:
+            self._still_running(asked)
+            left = deadline - time.monotonic()
+            try:
+                with socket.create_connection(
+                    (address, port), timeout=max(min(attempt, left), 0.001)
+                ):
+                    return
+            except TimeoutError as exc:
+                last: OSError = exc
+                attempt = min(2 * attempt, CONNECT_LONGEST)
+            except OSError as exc:  # refused, or no route to it yet
+                last = exc
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._timed_out(
+                    f"{asked}: nothing accepted a TCP connection to {address}:{port} "
+                    f"({self.kind} {self.name}) within {seconds:g} s (the last attempt: "
+                    f"{last.strerror or last}); make sure the service inside listens on port "
+                    f"{port} of every address (0.0.0.0), not only on 127.0.0.1 (its log is "
+                    "below), or give a longer timeout"
+                )
+            time.sleep(min(POLL_INTERVAL, left))
+
+    @_uses
+    def wait_for_log(
+        self, pattern: str | re.Pattern[str], *, timeout: float = 30.0
+    ) -> re.Match[str]:
+        """Return the first match of the regular expression ``pattern`` (a str or a compiled
+        pattern) in ``logs()``, once there is one: the console log of every boot
+        (containers, VMs) or the app's output, searched whole (``re.search``; ``(?m)`` makes
+        ``^`` and ``$`` match at every line), so after a ``restart()`` look for something the
+        new boot prints.
+
+        WaitTimeoutError (a TimeoutError) with the tail of ``logs()`` past ``timeout``
+        seconds (0: look once); NotRunningError at once if the instance stops or is deleted
+        before the log matched; ConfigError for a pattern that is no regular expression.
+        """
+        __tracebackhide__ = True
+        asked = f"wait_for_log({getattr(pattern, 'pattern', pattern)!r})"
+        regex = _regex(asked, pattern)
+        seconds = _seconds(asked, timeout)
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                self._still_running(asked)
+            except NotRunningError:
+                # what it printed before it stopped still counts (an app's last line, say):
+                # the log once more, read after the stop, has all of it
+                if self._state is InstanceState.STOPPED and (
+                    found := regex.search(self.machine.logs())
+                ):
+                    return found
+                raise
+            if found := regex.search(self.machine.logs()):
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._timed_out(
+                    f"{asked}: the log of {self.kind} {self.name} did not match within "
+                    f"{seconds:g} s (searched with re.search; its tail is below); check the "
+                    "pattern against it, or give a longer timeout"
+                )
+            time.sleep(min(POLL_INTERVAL, left))
+
+    def _timed_out(self, message: str) -> WaitTimeoutError:
+        error = WaitTimeoutError(message)
+        log = tail(self.machine.logs())
+        error.add_note(f"log of {self.name}:\n" + (log or "(empty: nothing printed yet)"))
+        return error
+
 
 # -- arguments: a wrong one is a ConfigError, the same on every kind ----------------------------
 
@@ -456,18 +600,47 @@ def _bytes(asked: str, name: str, data: object) -> bytes:
     raise _wrong(asked, name, data, "a str or bytes")
 
 
+def _is_seconds(value: object) -> TypeGuard[float]:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not math.isnan(value)
+        and value >= 0
+    )
+
+
+def _seconds(asked: str, timeout: object) -> float:
+    """Seconds of a wait (0: look once); ConfigError for a value that is no number of
+    seconds (negative, NaN, not a number)."""
+    if _is_seconds(timeout):
+        return float(timeout)
+    raise ConfigError(f"{asked}: timeout={timeout!r} is not a number of seconds; give 0 or more")
+
+
 def _limit(asked: str, timeout: object) -> float | None:
     """Seconds of a timeout (0 for no limit): None for no limit; ConfigError for a value that
     is no number of seconds (negative, NaN, not a number)."""
-    if (
-        isinstance(timeout, (int, float))
-        and not isinstance(timeout, bool)
-        and not math.isnan(timeout)
-        and timeout >= 0
-    ):
-        return float(timeout) if 0 < timeout < math.inf else None
+    if _is_seconds(timeout):
+        seconds = float(timeout)
+        return seconds if 0 < seconds < math.inf else None
     raise ConfigError(
         f"{asked}: timeout={timeout!r} is not a number of seconds; give 0 or more (0 for no limit)"
+    )
+
+
+def _regex(asked: str, pattern: object) -> re.Pattern[str]:
+    if isinstance(pattern, re.Pattern) and isinstance(pattern.pattern, str):
+        return pattern
+    if isinstance(pattern, str):
+        try:
+            return re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(
+                f"{asked}: pattern={pattern!r} is not a regular expression ({exc}); "
+                "write it as re.compile takes it (re.escape() for a literal text)"
+            ) from None
+    raise _wrong(
+        asked, "pattern", pattern, "a regular expression (a str or a compiled str pattern)"
     )
 
 

@@ -23,6 +23,7 @@ from pytest_incus.settings import (
     DEFAULT_KIND,
     DEFAULT_MAX_PROCESSES,
     DEFAULT_MIRROR,
+    DEFAULT_NETWORK,
     KEEP_CHOICES,
     Settings,
     default_cache_dir,
@@ -72,6 +73,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"Debian mirror for debian/<release> images (default {DEFAULT_MIRROR})",
     )
     group.addoption(
+        "--incus-subnet",
+        default=None,
+        metavar="NET/PREFIX",
+        help="IPv4 range of the host-only networks, a /8 to a /24 (default: one that no route "
+        "of this host uses, chosen once)",
+    )
+    group.addoption(
         "--incus-accel",
         choices=ACCEL_CHOICES,
         default=None,
@@ -115,6 +123,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=str(DEFAULT_EXEC_TIMEOUT),
     )
     parser.addini(
+        "incus_default_network",
+        "network when the marker names none: none (loopback only), bridged, or a network's "
+        f"name ({DEFAULT_NETWORK})",
+        default=DEFAULT_NETWORK,
+    )
+    parser.addini(
         "incus_max_processes",
         f"the most processes a container or app may have, unless its processes= option says "
         f"otherwise ({DEFAULT_MAX_PROCESSES})",
@@ -123,6 +137,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("incus_keep", "ini form of --incus-keep", default="never")
     parser.addini("incus_cache_dir", "ini form of --incus-cache-dir", default="")
     parser.addini("incus_mirror", "ini form of --incus-mirror", default=DEFAULT_MIRROR)
+    parser.addini("incus_subnet", "ini form of --incus-subnet", default="")
     parser.addini("incus_accel", "ini form of --incus-accel", default="auto")
     parser.addini(
         "incus_insecure_registries",
@@ -172,6 +187,8 @@ def _settings(config: pytest.Config) -> Settings:
         keep=option("incus_keep", "incus_keep"),
         skip_unavailable=bool(option("incus_skip_unavailable", "incus_skip_unavailable")),
         accel=option("incus_accel", "incus_accel"),
+        subnet=option("incus_subnet", "incus_subnet") or None,
+        default_network=config.getini("incus_default_network"),
         vm_snapshots=_on_off(option("incus_vm_snapshots", "incus_vm_snapshots")),
         insecure_registries=frozenset(
             [

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_incus.errors import ConfigError
+from pytest_incus.spec import network_problem
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_IMAGE = "debian/12"
@@ -22,6 +24,21 @@ DEFAULT_MAX_PROCESSES = 1024
 KEEP_CHOICES = ("never", "failed", "always")
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
 CACHE_ENV = "PYTEST_INCUS_CACHE_DIR"
+DEFAULT_NETWORK = "none"
+# The prefix lengths --incus-subnet may have: a /8 is the largest private range (10.0.0.0/8);
+# a /24 still holds 253 instances besides the host's own address on the bridge.
+SUBNET_PREFIXES = (8, 24)
+# Ranges that are no instance's to have: their addresses mean something else to every host.
+_UNUSABLE = tuple(
+    (ipaddress.IPv4Network(net), what)
+    for net, what in (
+        ("0.0.0.0/8", '"this network"'),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved"),
+    )
+)
 
 
 def default_cache_dir() -> Path:
@@ -31,6 +48,37 @@ def default_cache_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/cache/pytest-incus")
     return Path.home() / ".cache" / "pytest-incus"
+
+
+def check_subnet(text: str) -> str:
+    """The IPv4 network ``text`` names (``--incus-subnet``), written canonically; ConfigError
+    for one that host-only networks cannot use."""
+    low, high = SUBNET_PREFIXES
+    asked = f"--incus-subnet={text!r}"
+    like = f"like 10.250.0.0/16 (a /{low} to a /{high})"
+    try:
+        given = ipaddress.IPv4Interface(text.strip())
+    except ValueError:
+        raise ConfigError(f"{asked} is not an IPv4 network; give one {like}") from None
+    subnet = given.network
+    if "/" not in text:
+        raise ConfigError(f"{asked} has no prefix length; give one {like}")
+    if not low <= subnet.prefixlen <= high:
+        why = (
+            f"is larger than the largest private range (a /{low})"
+            if subnet.prefixlen < low
+            else f"leaves too few addresses for a network (a /{high} holds 253 instances)"
+        )
+        raise ConfigError(f"{asked}: a /{subnet.prefixlen} {why}; give a subnet {like}")
+    if given.ip != subnet.network_address:
+        raise ConfigError(f"{asked} has host bits set; give the network's address: {subnet}")
+    for unusable, what in _UNUSABLE:
+        if subnet.overlaps(unusable):
+            raise ConfigError(
+                f"{asked} overlaps {unusable}, the {what} range, which instances cannot use; "
+                "give a private range that no route of this host uses, like 10.250.0.0/16"
+            )
+    return str(subnet)
 
 
 @dataclass(frozen=True)
@@ -48,8 +96,8 @@ class Settings:
     accel: str = "auto"  # VMs: "kvm", "tcg", or "auto" (probe that KVM really runs a guest)
     insecure_registries: frozenset[str] = frozenset()  # host[:port] of plain-HTTP registries
     vm_snapshots: bool = True  # VMs resume a saved first boot (runtimes/snapshot.py)
-    subnet: str | None = None  # networks' IPv4 range; None: chosen (network/subnet.py)
-    default_network: str = "none"  # the network of instances whose spec names none
+    subnet: str | None = None  # host-only networks' addresses; None: the network module chooses
+    default_network: str = DEFAULT_NETWORK  # of instances whose `network` option says none
 
     def __post_init__(self) -> None:
         path = str(self.cache_dir)
@@ -78,6 +126,11 @@ class Settings:
             raise ConfigError(
                 f"--incus-accel={self.accel!r}; use one of {', '.join(ACCEL_CHOICES)}"
             )
+        if self.subnet is not None:
+            # canonical ("10.250.0.0/16"), so that every worker and run writes it the same way
+            object.__setattr__(self, "subnet", check_subnet(self.subnet))
+        if problem := network_problem(self.default_network):
+            raise ConfigError(f"incus_default_network = {self.default_network!r} {problem}")
 
     def command(self, args: str) -> str:
         """The ``pytest-incus`` command line that runs ``args`` on this cache directory."""

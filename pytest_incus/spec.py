@@ -15,7 +15,7 @@ from typing import Any
 from pytest_incus.errors import ConfigError
 
 KINDS = ("container", "app", "vm")
-NETWORKS = ("none", "bridged")
+NETWORKS = ("none", "bridged")  # the network option's own words; no network may be named so
 VM_INITS = ("systemd", "agent")
 
 _UNITS = {
@@ -32,7 +32,17 @@ _UNITS = {
     "gib": 1024**3,
 }
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{0,62}$")
+_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9-]{0,62}")
+# A network's name. At most 15 long: an Incus bridge network is named as its bridge interface,
+# and a Linux interface name has at most IFNAMSIZ - 1 = 15 bytes, so a suite whose names fit
+# runs unchanged on the incus backend. Letters, digits and '-', starting with a letter: safe in
+# file names, command arguments and messages without quoting (the local backend names its
+# bridges itself, "pti...").
+_NETWORK_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9-]{0,14}")
+NETWORK_RULE = (
+    '"none", "bridged", or the name of a network: a letter, then letters, digits or \'-\', '
+    "at most 15 long"
+)
 
 # option -> (accepted types, kinds it applies to, human description)
 _OPTIONS: dict[str, tuple[tuple[type, ...], tuple[str, ...], str]] = {
@@ -40,7 +50,7 @@ _OPTIONS: dict[str, tuple[tuple[type, ...], tuple[str, ...], str]] = {
     "memory": ((str, int), KINDS, 'a size such as "512MiB" or "1GiB"'),
     "privileged": ((bool,), ("container", "app"), "a bool"),
     "env": ((dict,), KINDS, "a dict of str to str"),
-    "network": ((str,), KINDS, '"none" or "bridged"'),
+    "network": ((str,), KINDS, NETWORK_RULE),
     "mounts": ((dict,), ("container", "app"), "a dict of host path to instance path"),
     "processes": ((int,), ("container", "app"), "a positive int"),
     "kernel": ((str, Path), ("vm",), "a path to a kernel image"),
@@ -68,6 +78,21 @@ def parse_memory(value: str | int) -> int:
     return size
 
 
+def network_problem(value: object) -> str | None:
+    """None if ``value`` names a network (the ``network`` option, ini
+    ``incus_default_network``): "none", "bridged" or a network's name; else what is wrong
+    with it, to follow what was asked in a ConfigError."""
+    if not isinstance(value, str):
+        return f"is not a str; give {NETWORK_RULE}"
+    if value in NETWORKS:
+        return None
+    if value.lower() in NETWORKS:  # "None" (Python's None?) would make a network of that name
+        return f"is not a network; write {value.lower()!r} in lower case"
+    if not _NETWORK_NAME.fullmatch(value):
+        return f"is not a network; give {NETWORK_RULE}"
+    return None
+
+
 def instance_id(kind: str, image: str) -> str:
     """The parametrization id of a kind/image pair: ``vm-debian-12``."""
     return f"{kind}-{image}".replace("/", "-").replace(":", "-")
@@ -83,7 +108,7 @@ class InstanceSpec:
     memory: int | None = None  # bytes
     privileged: bool = False
     env: Mapping[str, str] = field(default_factory=dict)
-    network: str = "none"
+    network: str | None = None  # None: the run's default (with_defaults)
     mounts: Mapping[str, str] = field(default_factory=dict)
     processes: int | None = None  # None: the run's default (with_defaults)
     kernel: str | None = None
@@ -145,8 +170,8 @@ class InstanceSpec:
                     raise bad(f"mounts: instance path {inside!r} must be absolute")
                 if not Path(host).exists():
                     raise bad(f"mounts: host path {host!r} does not exist")
-        if values.get("network", "none") not in NETWORKS:
-            raise bad(f"option network={values['network']!r}; use one of {NETWORKS}")
+        if "network" in values and (problem := network_problem(values["network"])):
+            raise bad(f"option network={values['network']!r} {problem}")
         if values.get("init", "systemd") not in VM_INITS:
             raise bad(f"option init={values['init']!r}; use one of {VM_INITS}")
         if "command" in values:
@@ -155,16 +180,20 @@ class InstanceSpec:
             values["command"] = tuple(values["command"])
         if "boot_timeout" in values and values["boot_timeout"] <= 0:
             raise bad(f"option boot_timeout={values['boot_timeout']!r} must be positive")
-        if "name" in values and not _NAME.match(values["name"]):
+        if "name" in values and not _NAME.fullmatch(values["name"]):
             raise bad(f"option name={values['name']!r}: {_OPTIONS['name'][2]}, at most 63 long")
         for key in ("kernel", "initrd"):
             if key in values:
                 values[key] = str(values[key])
         return cls(kind=kind, image=image, **values)
 
-    def with_defaults(self, *, max_processes: int) -> InstanceSpec:
+    def with_defaults(self, *, max_processes: int, network: str) -> InstanceSpec:
         """This spec with the run's defaults filled in where the options left them open:
-        ``processes`` (for the kinds it applies to) from ini ``incus_max_processes``."""
+        ``processes`` (for the kinds it applies to) from ini ``incus_max_processes``,
+        ``network`` from ini ``incus_default_network``."""
+        defaults: dict[str, Any] = {}
         if self.processes is None and self.kind in _OPTIONS["processes"][1]:
-            return replace(self, processes=max_processes)
-        return self
+            defaults["processes"] = max_processes
+        if self.network is None:
+            defaults["network"] = network
+        return replace(self, **defaults) if defaults else self

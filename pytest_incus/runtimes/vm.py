@@ -102,7 +102,7 @@ class VmRuntime:
             raise ConfigError(
                 f"memory={spec.memory} bytes is too little for a VM; give at least 128MiB"
             )
-        if spec.network != "none":
+        if spec.network not in (None, "none"):
             raise ConfigError(
                 f"network={spec.network!r} is not supported yet for VMs; only network='none'"
             )

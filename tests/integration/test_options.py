@@ -138,11 +138,6 @@ def test_name_option(instance_factory: InstanceFactory, settings: Settings, toke
     assert_nothing_left(settings, name)
 
 
-def test_network_bridged_is_not_yet_supported(instance_factory: InstanceFactory) -> None:
-    with pytest.raises(ConfigError, match="bridged"):
-        instance_factory.launch(image="busybox", network="bridged")
-
-
 @pytest.mark.instance(image="busybox", network="none")
 def test_network_none_has_only_loopback(instance: Instance) -> None:
     links = instance.exec("ls /sys/class/net").stdout.split()

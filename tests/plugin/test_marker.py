@@ -33,6 +33,8 @@ from plugin_helpers import INNER_HEADER, InnerInstances
             'kind="vm", image="debian/12", processes=64',
             "option processes= does not apply to kind='vm' (only to container, app)",
         ),
+        ('image="busybox", network="my_net"', "option network='my_net' is not a network; give"),
+        ('image="busybox", network=None', "option network=None has the wrong type"),
     ],
 )
 def test_bad_marker_stops_the_run_with_one_line(
@@ -86,6 +88,49 @@ def test_an_exec_timeout_ini_that_is_no_number_of_seconds_stops_the_run(
     result = pytester.runpytest_subprocess(*args, timeout=120)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*incus_exec_timeout = *{value}* is not a number of seconds*"])
+
+
+@pytest.mark.parametrize(
+    ("ini", "said"),
+    [
+        ("incus_subnet = 10.250.0.1/16", "--incus-subnet='10.250.0.1/16' has host bits set"),
+        ("incus_subnet = 127.0.0.0/8", "--incus-subnet='127.0.0.0/8' overlaps 127.0.0.0/8"),
+        ("incus_default_network = my_net", "incus_default_network = 'my_net' is not a network"),
+    ],
+)
+def test_a_bad_network_ini_value_stops_the_run(
+    pytester: pytest.Pytester, args: list[str], ini: str, said: str
+) -> None:
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess(*args, timeout=120)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {said}*"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+def test_network_settings_from_ini_and_command_line(
+    pytester: pytest.Pytester, args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeini("[pytest]\nincus_subnet = 10.251.0.0/16\nincus_default_network = ci-net\n")
+    pytester.makepyfile(
+        """
+        import os
+
+        def test_settings(instance_factory):
+            settings = instance_factory.settings
+            assert settings.subnet == os.environ["EXPECTED_SUBNET"]
+            assert settings.default_network == "ci-net"
+        """
+    )
+    monkeypatch.setenv("EXPECTED_SUBNET", "10.251.0.0/16")
+    pytester.runpytest_subprocess(*args, timeout=120).assert_outcomes(passed=1)
+    # the option wins over the ini key; the subnet is written canonically
+    monkeypatch.setenv("EXPECTED_SUBNET", "10.252.0.0/16")
+    result = pytester.runpytest_subprocess(
+        *args, "--incus-subnet=10.252.0.0/255.255.0.0", timeout=120
+    )
+    result.assert_outcomes(passed=1)
 
 
 MATRIX = (

@@ -9,7 +9,7 @@ import pytest
 
 from pytest_incus import IncusError
 from pytest_incus.errors import ConfigError
-from pytest_incus.spec import InstanceSpec, instance_id, parse_memory
+from pytest_incus.spec import InstanceSpec, instance_id, network_problem, parse_memory
 
 
 def parse(kind: Any = "container", image: Any = "busybox", **options: Any) -> InstanceSpec:
@@ -18,13 +18,9 @@ def parse(kind: Any = "container", image: Any = "busybox", **options: Any) -> In
 
 def test_defaults() -> None:
     spec = parse()
-    assert (spec.kind, spec.image, spec.privileged, spec.network) == (
-        "container",
-        "busybox",
-        False,
-        "none",
-    )
+    assert (spec.kind, spec.image, spec.privileged) == ("container", "busybox", False)
     assert spec.cpus is None and spec.memory is None and spec.name is None
+    assert spec.network is None  # the run's default, filled in by with_defaults
 
 
 def test_config_error_is_an_incus_error_and_a_usage_error() -> None:
@@ -99,10 +95,14 @@ def test_processes_must_be_positive(value: int) -> None:
 
 def test_processes_default_comes_from_the_run() -> None:
     assert parse().processes is None
-    assert parse().with_defaults(max_processes=500).processes == 500
-    assert parse(processes=64).with_defaults(max_processes=500).processes == 64
-    assert parse(kind="app", image="oci:/x:y").with_defaults(max_processes=500).processes == 500
-    assert parse(kind="vm", image="debian/12").with_defaults(max_processes=500).processes is None
+
+    def defaults(spec: InstanceSpec) -> InstanceSpec:
+        return spec.with_defaults(max_processes=500, network="none")
+
+    assert defaults(parse()).processes == 500
+    assert defaults(parse(processes=64)).processes == 64
+    assert defaults(parse(kind="app", image="oci:/x:y")).processes == 500
+    assert defaults(parse(kind="vm", image="debian/12")).processes is None
 
 
 def test_options_of_their_kind_are_kept() -> None:
@@ -139,8 +139,8 @@ def test_values_out_of_range() -> None:
         parse(cpus=0)
     with pytest.raises(ConfigError, match="boot_timeout=0 must be positive"):
         parse(boot_timeout=0)
-    with pytest.raises(ConfigError, match="network='wifi'"):
-        parse(network="wifi")
+    with pytest.raises(ConfigError, match="network='wi fi'"):
+        parse(network="wi fi")
     with pytest.raises(ConfigError, match="init='sysv'"):
         parse(kind="vm", init="sysv")
     with pytest.raises(ConfigError, match=r"command=.* non-empty list of str"):
@@ -162,7 +162,9 @@ def test_good_names(name: str) -> None:
     assert parse(name=name).name == name
 
 
-@pytest.mark.parametrize("name", ["", "1web", "-web", "web_1", "web.1", "we b", "a" * 64])
+@pytest.mark.parametrize(
+    "name", ["", "1web", "-web", "web_1", "web.1", "we b", "a" * 64, "web\n", "web\nx"]
+)
 def test_bad_names(name: str) -> None:
     with pytest.raises(ConfigError, match=r"option name=.*starting with a letter"):
         parse(name=name)
@@ -180,3 +182,66 @@ def test_bad_names(name: str) -> None:
 )
 def test_instance_id(kind: str, image: str, expected: str) -> None:
     assert instance_id(kind, image) == expected
+
+
+@pytest.mark.parametrize("network", ["none", "bridged", "web", "web-1", "Backend2", "n" * 15])
+def test_good_networks(network: str) -> None:
+    assert parse(network=network).network == network
+    assert parse(kind="vm", image="debian/12", network=network).network == network
+    assert parse(kind="app", image="oci:/x:y", network=network).network == network
+
+
+@pytest.mark.parametrize("network", ["", "1net", "-net", "my_net", "my.net", "n" * 16, "net\n"])
+def test_bad_networks(network: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(network=network)
+    assert str(info.value) == (
+        f"test_x: option network={network!r} is not a network; give "
+        '"none", "bridged", or the name of a network: a letter, then letters, digits or '
+        "'-', at most 15 long"
+    )
+
+
+@pytest.mark.parametrize("network", ["None", "NONE", "Bridged"])
+def test_the_reserved_words_in_another_case_are_no_names(network: str) -> None:
+    # network="None" (Python's None in quotes?) must not quietly make a network of that name
+    with pytest.raises(
+        ConfigError,
+        match=rf"option network='{network}' is not a network; write '{network.lower()}'",
+    ):
+        parse(network=network)
+
+
+def test_network_is_a_str() -> None:
+    with pytest.raises(
+        ConfigError, match=r'option network=None has the wrong type; it must be "none", "bridged"'
+    ):
+        parse(network=None)
+
+
+def test_network_default_comes_from_the_run() -> None:
+    assert parse().with_defaults(max_processes=9, network="bridged").network == "bridged"
+    assert parse(network="none").with_defaults(max_processes=9, network="bridged").network == (
+        "none"
+    )
+    assert parse(network="web").with_defaults(max_processes=9, network="none").network == "web"
+    vm = parse(kind="vm", image="debian/12").with_defaults(max_processes=9, network="db")
+    assert (vm.network, vm.processes) == ("db", None)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("none", None),
+        ("web-1", None),
+        ("web_1", "is not a network; give"),
+        ("NONE", "is not a network; write 'none' in lower case"),
+        (7, "is not a str; give"),
+    ],
+)
+def test_network_problem(value: object, problem: str | None) -> None:
+    said = network_problem(value)
+    if problem is None:
+        assert said is None
+    else:
+        assert said is not None and said.startswith(problem)
