@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_incus import fsutil
+from pytest_incus import fsutil, network
 from pytest_incus.plugin import SETTINGS
 from pytest_incus.settings import Settings
 
@@ -41,4 +41,6 @@ def scratch_cache() -> Iterator[Path]:
     path.mkdir(parents=True)
     SCRATCH_ROOT.chmod(0o755)
     yield path
+    # what a failed test left of the cache's networks lives outside it (bridges, dnsmasq)
+    network.sweep(Settings(cache_dir=path))
     fsutil.remove_tree(path)

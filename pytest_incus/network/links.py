@@ -4,14 +4,13 @@ costs one process, not five; nothing here touches a device whose name is not our
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
-from pathlib import Path
 
 from pytest_incus import tools
 from pytest_incus.errors import IncusError
 
 PREFIX = "pti"  # every device made here: bridges ptib*, taps ptit*, veth peers ptiv*
-SYSFS = Path("/sys/class/net")
 IP_TIMEOUT = 20.0
 
 
@@ -21,26 +20,18 @@ def ours(name: str) -> bool:
 
 
 def exists(name: str) -> bool:
-    """True if the host has a network device ``name``."""
-    return (SYSFS / name).exists()
+    """True if this network namespace has a device ``name``. Asked of the kernel, not of
+    ``/sys/class/net``, which shows the devices of the namespace that mounted it."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def present() -> list[str]:
-    """The names of the host's devices that this module made (of every cache directory)."""
-    try:
-        return sorted(p.name for p in SYSFS.iterdir() if ours(p.name))
-    except OSError:
-        return []
-
-
-def master(name: str) -> str | None:
-    """The bridge device ``name`` is a port of, or None."""
-    try:
-        return (
-            (SYSFS / name / "master").resolve().name if (SYSFS / name / "master").exists() else None
-        )
-    except OSError:
-        return None
+    """The names of the devices that this module made (of every cache directory)."""
+    return sorted(name for _, name in socket.if_nameindex() if ours(name))
 
 
 def batch(commands: Sequence[str], *, what: str) -> None:

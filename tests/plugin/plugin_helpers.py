@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pytest_incus import registry
+from pytest_incus import network, registry
 from pytest_incus.settings import Settings
 
 # Put at the top of an inner test module: record(instance) notes the instance's name in
@@ -105,6 +105,7 @@ class InnerInstances:
                     record = registry.read_record(directory)
                     kind = record.kind if record else "container"
                     registry.remove_instance(settings, name, kind)
+            network.sweep(settings)
 
 
 # Plugins of this machine's Python that only slow every inner run down.
