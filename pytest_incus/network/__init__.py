@@ -14,7 +14,8 @@ written only under ``<cache>/network/.lock``, so that pytest-xdist workers and c
 on one cache never hand out one address twice. Each bridge has a directory
 ``<cache>/network/<bridge>/`` (its DNS server's pid file, log and hosts directory), made before
 the bridge, so a bridge whose state was lost is still found and removed. A network is a /24 of
-the subnet (see ``subnet.py``); the host is its ``.1`` and the DNS server; instances get the
+the subnet (see ``subnet.py``) that no route of the host uses when its bridge is made (under a
+host-wide lock, as runs on other cache directories make theirs); the host is its ``.1`` and the DNS server; instances get the
 next free address after the last one handed out, so a released address is not reused at once,
 and a MAC derived from the address, so a peer's ARP cache stays right even when it is.
 
@@ -38,7 +39,7 @@ from typing import Any
 
 import filelock
 
-from pytest_incus import fsutil
+from pytest_incus import claims, fsutil
 from pytest_incus.errors import ConfigError, IncusError
 from pytest_incus.network import links, services, subnet
 from pytest_incus.ownership import Owner
@@ -139,6 +140,21 @@ def _network(settings: Settings, state: State, name: str) -> dict[str, Any]:
         if links.exists(net["bridge"]) and services.dns_pid(state_dir) is not None:
             return dict(net)
         _remove_network(settings, state, name)  # a part of it is gone: make it again
+    with _host_lock():
+        return _make_network(settings, state, name)
+
+
+@contextlib.contextmanager
+def _host_lock() -> Iterator[None]:
+    """The lock of the host's routes: held from looking at them to making a bridge, so that
+    runs on other cache directories (each with its own state and lock) never pick one range."""
+    path = claims.claims_dir().parent / "networks.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(path, timeout=LOCK_TIMEOUT):
+        yield
+
+
+def _make_network(settings: Settings, state: State, name: str) -> dict[str, Any]:
     routes = subnet.host_routes()
     whole = _subnet(settings, state, routes)
     own = {n["bridge"] for n in state["networks"].values()}
