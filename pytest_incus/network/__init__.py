@@ -175,7 +175,7 @@ def _make_network(settings: Settings, state: State, name: str) -> dict[str, Any]
     state["networks"][name] = net  # recorded first: a failure below is removed by sweep
     try:
         links.delete([bridge])  # of a state that was lost
-        links.make_bridge(bridge, gateway, cidr.prefixlen)
+        links.make_bridge(bridge, gateway, cidr.prefixlen, mac_of(cidr[1]))
         services.keep_on_host(bridge)
         services.make_firewall(bridge)
         services.start_dns(state_dir, bridge, gateway)

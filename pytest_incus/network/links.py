@@ -46,13 +46,16 @@ def batch(commands: Sequence[str], *, what: str) -> None:
     )
 
 
-def make_bridge(name: str, address: str, prefix: int) -> None:
+def make_bridge(name: str, address: str, prefix: int, mac: str) -> None:
     """A bridge ``name`` with the host's address ``address/prefix`` on it, up: no STP, no
-    forward delay, so a new port forwards at once."""
+    forward delay, so a new port forwards at once. Its MAC is ``mac``, fixed: a bridge left
+    to itself takes the lowest MAC of its ports, which changes as instances come and go, and
+    every instance that has the old one in its ARP cache then sends the host its replies in
+    vain for seconds."""
     _check(name)
     batch(
         [
-            f"link add {name} type bridge stp_state 0 forward_delay 0",
+            f"link add {name} address {mac} type bridge stp_state 0 forward_delay 0",
             f"addr add {address}/{prefix} dev {name}",
             f"link set {name} up",
         ],
