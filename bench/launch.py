@@ -239,7 +239,7 @@ class Bench:
         """A raw container of ``image``, not started yet."""
         # the same limits as the plugin's containers get (the default process limit too)
         spec = InstanceSpec.parse("container", image, {}, where="bench").with_defaults(
-            max_processes=self.settings.max_processes
+            max_processes=self.settings.max_processes, network="none"
         )
         raw = RawContainer(self.settings, spec, self.lower(image)[1], self.hook)
         self.names.append(raw.name)

@@ -238,6 +238,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
             continue
         registry.remove_instance(settings, name, record.kind)
         print(f"deleted {name}")
+    network.sweep(settings)  # a network whose last instance that was
     return status
 
 

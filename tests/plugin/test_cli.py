@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from plugin_helpers import INNER_HEADER, InnerInstances, cache_args, run_cli
 
+from pytest_incus import network
 from pytest_incus.images.store import ImageStore
+from pytest_incus.network import links, services
 from pytest_incus.settings import Settings
 
 
@@ -23,6 +25,11 @@ def test_doctor_says_containers_work(settings: Settings) -> None:
     probe = [line for line in lines if line.startswith("kvm probe now: ")]
     assert len(probe) == 1 and "a Linux guest (kernel debian-bookworm.vm/" in probe[0], lines
     assert any(line.startswith("kvm verdict VMs use: KVM ") for line in lines), lines
+    # networks: a bridge, its firewall table and DNS server really made, and removed again
+    assert any(line.startswith("network: ok") for line in lines), lines
+    probed = network.bridge_name(settings, network.PROBE_NETWORK)
+    assert not links.exists(probed)
+    assert probed not in services.firewall_tables()
 
 
 def images(cache: Path) -> list[str]:
