@@ -110,24 +110,27 @@ def _bridge_dir(settings: Settings, bridge: str) -> Path:
 def _subnet(settings: Settings, state: State, routes: list[tuple[subnet.Net, str]]) -> subnet.Net:
     """The subnet new networks come from: the configured one, checked against the host's
     routes, or the one chosen before (chosen again if the host has since taken it and no
-    network of it is left)."""
-    own = {net["bridge"] for net in state["networks"].values()}
+    network of it is left). The routes of pytest-incus's own bridges, of any cache
+    directory, are no conflict here: each network's /24 is checked against every route when
+    its bridge is made."""
+    foreign = [(net, dev) for net, dev in routes if not links.ours(dev)]
     if settings.subnet:
         chosen = ipaddress.IPv4Network(settings.subnet)
-        subnet.check(chosen, routes, own)
+        subnet.check(chosen, foreign, ())
         return chosen
     recorded = state.get("subnet")
     if recorded:
         chosen = ipaddress.IPv4Network(recorded)
-        if not subnet.overlapping(chosen, routes, own):
+        clash = subnet.overlapping(chosen, foreign, ())
+        if not clash:
             return chosen
         if state["networks"]:
             raise ConfigError(
                 f"the subnet {chosen} that pytest-incus chose for this cache directory now "
-                f"overlaps a route of the host ({subnet.overlapping(chosen, routes, own)[0]}), "
-                "while networks of it are in use; give another with --incus-subnet"
+                f"overlaps a route of the host ({clash[0]}), while networks of it are in use; "
+                "give another with --incus-subnet"
             )
-    chosen = subnet.choose(routes)
+    chosen = subnet.choose(routes)  # one that no route uses, other runs' bridges' included
     state["subnet"] = str(chosen)
     return chosen
 

@@ -200,3 +200,30 @@ def test_the_chosen_subnet_is_free_and_recorded(scratch_settings: Settings) -> N
     # the session's end removes the bridge nobody uses any more
     assert network.leftovers(scratch_settings) == []
     assert os.path.exists(scratch_settings.cache_dir / "network" / "state.json")
+
+
+def test_runs_on_two_caches_share_a_subnet_apart(scratch_settings: Settings) -> None:
+    shared = ipaddress.IPv4Network("10.249.0.0/16")
+    if any(route.overlaps(shared) for route, dev in subnet.host_routes() if not links.ours(dev)):
+        pytest.skip(f"this host routes part of {shared}")
+    other_dir = scratch_settings.cache_dir / "other-cache"
+    other_dir.mkdir()
+    one = Settings(cache_dir=scratch_settings.cache_dir, subnet=str(shared))
+    two = Settings(cache_dir=other_dir, subnet=str(shared))
+    first, second = (InstanceFactory(s, ImageStore(s)) for s in (one, two))
+    try:
+        a = first.launch(image="busybox", network="bridged")
+        b = second.launch(image="busybox", network="bridged")
+        c = first.launch(image="busybox", network="left")  # a second network of the first run
+        nets = {
+            ipaddress.ip_network(f"{i.ipv4}/{i.network.prefix}", strict=False)  # type: ignore[union-attr]
+            for i in (a, b, c)
+        }
+        assert len(nets) == 3 and all(net.subnet_of(shared) for net in nets), nets
+        for box in (a, b, c):
+            serve(box, box.name)
+            assert get(box) == box.name  # each address leads to its own instance
+    finally:
+        first.close()
+        second.close()
+    assert network.leftovers(one) == [] and network.leftovers(two) == []
