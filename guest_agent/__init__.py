@@ -4,4 +4,4 @@ Standard library only, for the guest's Python 3.9 or later; it never imports pyt
 Start it with ``python3 -m guest_agent`` (see ``__main__``).
 """
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"

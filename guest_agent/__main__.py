@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from guest_agent import commands, init, protocol
+from guest_agent import commands, init, network, protocol
 
 USAGE = (
     "usage: python3 -m guest_agent [--path DEV | --unix-listen PATH] [--block-rpcs a,b] [--init]"
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished host must not kill us
     blocked = [n.strip() for n in str(options.get("block-rpcs", "")).split(",") if n.strip()]
     agent = commands.Agent(blocked, init_mode=init_mode)
+    network.prepare()  # before any boot snapshot is saved: see guest_agent/network.py
     channel: protocol.Channel
     if options.get("unix-listen"):
         channel = protocol.UnixChannel(str(options["unix-listen"]))

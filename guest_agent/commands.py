@@ -9,7 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable
 
-from guest_agent import VERSION, execute, files, system
+from guest_agent import VERSION, execute, files, network, system
 from guest_agent.errors import CommandError
 from guest_agent.protocol import FramingError, encode
 
@@ -32,6 +32,7 @@ EXTENSIONS = (
     "pti-get",
     "pti-remove",
     "pti-add-entropy",
+    "pti-net-config",
 )
 NO_REPLY = {"guest-shutdown"}  # as qemu-ga: success sends nothing (the guest goes away)
 
@@ -99,6 +100,7 @@ class Agent:
             "pti-get": files.get,
             "pti-remove": files.remove,
             "pti-add-entropy": system.add_entropy,
+            "pti-net-config": network.configure,
         }
         unknown = self.blocked - set(self.commands)
         if unknown:

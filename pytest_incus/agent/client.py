@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 from pytest_incus.agent import extensions, fallback
 from pytest_incus.agent.peer import NoReply, Peer
 from pytest_incus.errors import AgentError, ExecTimeoutError, IncusError, setup_error
-from pytest_incus.values import ExecRequest, ExecResult, Stat
+from pytest_incus.values import ExecRequest, ExecResult, NetworkAttachment, Stat
 
 log = logging.getLogger("pytest_incus")
 
@@ -302,6 +302,21 @@ class AgentClient:
         """pti-add-entropy (our agent only): credit ``data`` to the guest kernel's random pool
         and reseed it, so a guest restored from a snapshot stops sharing its random state."""
         self._peer.add_entropy(data)
+
+    def configure_network(self, attachment: NetworkAttachment, hostname: str) -> str:
+        """Put the guest on its network: its one ethernet interface gets ``attachment``'s MAC
+        and address, up, no default route; /etc/resolv.conf names the network's DNS server;
+        the host name becomes ``hostname``. One request to our agent (``pti-net-config``),
+        one guest-exec of our agent's code with a stock qemu-ga. Returns the interface's name;
+        AgentError saying what failed."""
+        arguments = {
+            "mac": attachment.mac,
+            "address": attachment.address,
+            "prefix": attachment.prefix,
+            "resolv-conf": attachment.resolv_conf,
+            "hostname": hostname,
+        }
+        return self._peer.configure_network(arguments)
 
     def shutdown(self, mode: str = "powerdown") -> None:
         """Ask the guest to power down, reboot or halt. A successful guest-shutdown sends

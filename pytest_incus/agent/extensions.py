@@ -42,6 +42,7 @@ COMMANDS = frozenset(
         "pti-get",
         "pti-remove",
         "pti-add-entropy",
+        "pti-net-config",
     }
 )
 CHUNK = 1 << 20  # bytes per message of output, input, file or archive data
@@ -185,3 +186,7 @@ class Extensions:
     def add_entropy(self, data: bytes) -> None:
         """pti-add-entropy."""
         self.client.request("pti-add-entropy", {"data": _b64(data)})
+
+    def configure_network(self, arguments: dict[str, Any]) -> str:
+        """pti-net-config: one round trip."""
+        return str(self.client.request("pti-net-config", arguments)["interface"])

@@ -9,7 +9,8 @@ caller gave none, and runs ``[setpriv ...] [timeout -s KILL T] ARGV`` (``timeout
 whole process group) with its output in files of the guest's ``/tmp``, which it then copies
 to its own: qemu-ga says a command ended only once its output pipes close, which a process
 started in the background may never let happen. The tools are all in a Debian minbase: coreutils, util-linux
-(``setpriv``), tar.
+(``setpriv``), tar. A VM's network is configured by our agent's own code, which the VM image
+holds even when qemu-ga answers (``python3 -m guest_agent.network``, one guest-exec).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import base64
 import contextlib
 import errno
 import io
+import json
 import os
 import posixpath
 import re
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_incus.agent.peer import answer_by
 from pytest_incus.errors import AgentError, setup_error
+from pytest_incus.images.vm import AGENT_DIR
 from pytest_incus.values import ExecRequest
 
 if TYPE_CHECKING:
@@ -44,6 +47,7 @@ OSERROR_MARK = re.compile(r"^pti-oserror:(\d+):(.*)$", re.MULTILINE)  # errno, p
 _STAT_FORMAT = "%f %u %g %s"
 INLINE = 16 << 20  # bytes of stdin sent with guest-exec itself (qemu-ga takes 64 MiB of JSON)
 FILE_CHUNK = 4 << 20  # bytes per guest-file-read or guest-file-write
+NET_CONFIG_TIMEOUT = 60.0  # seconds for the guest's python to configure its network
 # $1 a file that becomes stdin (and is removed), then the command
 FROM_FILE = 'pti_in=$1; shift; exec <"$pti_in" && rm -f -- "$pti_in" && exec "$@"'
 
@@ -393,3 +397,31 @@ class StockAgent:
     def add_entropy(self, data: bytes) -> None:
         """Not for a stock agent: it has no command for the guest's random pool."""
         raise AgentError(f"{self.client.name}: only the pytest-incus agent has pti-add-entropy")
+
+    def configure_network(self, arguments: dict[str, Any]) -> str:
+        """What pti-net-config does, by our agent's own code installed in the VM image
+        (guest_agent/network.py, run by the guest's python3): one guest-exec."""
+        client = self.client
+        argv = ["/usr/bin/python3", "-S", "-m", "guest_agent.network", json.dumps(arguments)]
+        deadline = time.monotonic() + NET_CONFIG_TIMEOUT
+        pid = spawn(client, argv, None, {"PYTHONPATH": AGENT_DIR}, deadline)
+        status = wait(client, pid, deadline)
+        if status is None:
+            raise AgentError(
+                f"{client.name}: configuring the guest's network (python3 -m "
+                f"guest_agent.network) did not end within {NET_CONFIG_TIMEOUT}s"
+            )
+        code, out, err = _outcome(status)
+        if code != 0:
+            said = (err or out).decode("utf-8", "replace").strip() or f"exit status {code}"
+            raise AgentError(
+                f"{client.name}: configuring the guest's network (python3 -m "
+                f"guest_agent.network, through qemu-ga) failed: {said}"
+            )
+        try:
+            return str(json.loads(out)["interface"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AgentError(
+                f"{client.name}: python3 -m guest_agent.network answered {out[:200]!r}, not "
+                "the interface it configured"
+            ) from exc

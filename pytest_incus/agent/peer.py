@@ -79,3 +79,9 @@ class Peer(Protocol):
     def add_entropy(self, data: bytes) -> None:
         """Credit ``data`` to the guest kernel's random pool and reseed it."""
         ...
+
+    def configure_network(self, arguments: dict[str, Any]) -> str:
+        """Configure the guest's one ethernet interface, DNS and host name as
+        ``pti-net-config`` does with ``arguments`` (guest_agent/network.py); the interface's
+        name."""
+        ...

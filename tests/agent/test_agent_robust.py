@@ -145,15 +145,19 @@ ARGUMENTS = {
     "pti-get": ["max"],
     "pti-remove": [],
     "pti-add-entropy": ["data"],
+    "pti-net-config": ["mac", "address", "prefix", "resolv-conf", "hostname"],
 }
 
 
 def harmless(name: str, key: str, value: Any) -> bool:
-    """Whether ``value`` for ``key`` of ``name`` cannot power off the guest or move its clock."""
+    """Whether ``value`` for ``key`` of ``name`` cannot power off the guest, move its clock or
+    change its network."""
     if name == "guest-shutdown" and key == "mode":
         return value not in ("powerdown", "reboot", "halt")
     if name == "guest-set-time" and key == "time":
         return not (isinstance(value, int) and 0 < value < 2**63)
+    if name == "pti-net-config" and key == "mac":
+        return not isinstance(value, str)  # refused before anything changes
     return True
 
 
