@@ -2,11 +2,11 @@
 
 The initramfs is a "newc" cpio archive written here in Python (no cpio tool needed, and device
 nodes such as ``/dev/console`` need no privileges). Its ``/init`` loads the modules that the
-stock Debian cloud kernel needs to see its disk and the agent port (virtio_pci, virtio_blk,
-virtio_console, ext4 and their dependencies, resolved from the image's ``modules.dep``), waits
-for ``/dev/vda`` with a deadline, mounts it and ``switch_root``s to the ``init=`` of the kernel
-command line: the kernel hands ``init=`` to the initramfs, which must pass it on, or the guest
-would boot ``/sbin/init`` whatever was asked.
+stock Debian cloud kernel needs to see its disk, the agent port and the NIC (virtio_pci,
+virtio_blk, virtio_console, virtio_net, ext4 and their dependencies, resolved from the image's
+``modules.dep``), waits for ``/dev/vda`` with a deadline, mounts it and ``switch_root``s to
+the ``init=`` of the kernel command line: the kernel hands ``init=`` to the initramfs, which
+must pass it on, or the guest would boot ``/sbin/init`` whatever was asked.
 
 It is kept uncompressed and tiny because under TCG every millisecond of boot counts.
 """
@@ -25,8 +25,9 @@ from pytest_incus import tools
 from pytest_incus.errors import ImageError
 
 # What the stock kernel must load before /init can mount the root disk and the agent can
-# open its port. Dependencies are added from modules.dep.
-ROOT_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "ext4")
+# open its port, and the NIC's driver: with init="agent" no udev loads it later, and a VM on
+# a network must have its interface. Dependencies are added from modules.dep.
+ROOT_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "ext4")
 BUSYBOX = Path("/bin/busybox")
 BUSYBOX_APPLETS = ("sh", "mount", "umount", "insmod", "switch_root", "sleep", "poweroff", "cat")
 ROOT_DEVICE = "/dev/vda"

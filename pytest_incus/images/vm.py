@@ -6,7 +6,8 @@ An entry (cache key ``<container key>.vm``) holds::
     vmlinuz       the release's cloud kernel (its modules are on the disk)
     vmlinux       the same kernel unpacked (ELF), when it has a PVH entry point: QEMU boots
                   it directly, skipping the bzImage's self-decompression (boot_kernel())
-    initrd.img    our initramfs (images/initramfs.py): virtio + ext4 modules, then switch_root
+    initrd.img    our initramfs (images/initramfs.py): virtio (disk, console, NIC) + ext4 modules,
+                  then switch_root
 
 The root filesystem is its own debootstrap (not the container image's): it adds the kernel,
 udev, kmod, the full ``python3`` (the agent needs ``json``), Debian's ``qemu-guest-agent`` and
@@ -43,7 +44,7 @@ from pytest_incus.images import debian, initramfs
 # Versions of the two build steps: bump one when its step changes, and cached entries of the
 # other version are rebuilt. The disk step's recipe also follows the agent (see recipe()).
 ROOTFS_RECIPE = "2"  # build_rootfs: packages
-RECIPE = "9"  # build: agent installation, initramfs, disk
+RECIPE = "10"  # build: agent installation, initramfs, disk
 PACKAGES = (
     "systemd-sysv",
     "python3",  # not python3-minimal: the agent needs json
@@ -98,6 +99,9 @@ BASE_CMDLINE = (
     "noreplace-smp",  # keep the SMP alternatives (no text patching) with cpus > 1
     # the PC's on-board IDE controller: udev would load libata and SCSI for it, for nothing
     "modprobe.blacklist=ata_piix,pata_acpi,ata_generic",
+    # a VM's NIC (network="bridged") stays eth0: udev renaming it while the agent configures
+    # it (right after a cold boot) would race that configuration
+    "net.ifnames=0",
 )
 
 Progress = Callable[[str], None]
@@ -408,6 +412,11 @@ def _configure(rootfs: Path) -> None:
     # pass 0: no fsck of a disk that is a fresh overlay of a clean image at every boot
     _write(rootfs / "etc/fstab", "/dev/vda / ext4 rw,errors=remount-ro 0 0\n")
     _write(rootfs / "etc/hostname", "debian\n")
+    # what the agent writes for a VM on a network (guest_agent/network.py): into tmpfs, which
+    # costs a resumed guest less than a file of ext4 (and a VM with no network has no DNS)
+    resolv_conf = rootfs / "etc/resolv.conf"
+    resolv_conf.unlink(missing_ok=True)
+    resolv_conf.symlink_to("/run/resolv.conf")
     _write(rootfs / "etc/systemd/journald.conf.d/pytest-incus.conf", _JOURNALD_CONF)
 
 

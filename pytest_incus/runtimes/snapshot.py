@@ -10,7 +10,8 @@ ready as soon as its agent answers.
 
 What a resumed guest must not share with the snapshot is put right before it is called ready:
 the wall clock (``guest-set-time``) and the kernel's random state (fresh bytes from the host,
-credited and reseeded; see guest_agent/system.py). What it does share, by design: the boot id,
+credited and reseeded; see guest_agent/system.py), and on a network its own MAC, address and
+name (after every start, see runtimes/vm.py). What it does share, by design: the boot id,
 the boot messages (copied into its console log) and ``/proc/uptime`` from the first boot on.
 
 Only the first start of an instance resumes; ``restart()`` boots from the instance's own disk.

@@ -12,6 +12,15 @@ Ready means: the agent answers, and for ``init="systemd"`` also ``systemctl is-s
 QEMU with ``-no-reboot``, so a kernel panic or a failing init ends QEMU at once and the start
 fails fast with the console tail instead of waiting out ``boot_timeout``. (A reboot inside the
 guest therefore stops the VM; use ``instance.restart()``.)
+
+On a network (``create(..., network=attachment)``), the VM's virtio NIC is plugged into a tap
+device on the network's bridge, made by ``pytest_incus.network.make_tap`` before QEMU starts
+(and again at a restart if it is gone; removing it is the network module's). Every VM's NIC
+has the same placeholder MAC, and its machine shape names a placeholder tap, so bridged VMs of
+one shape share one boot snapshot; once the guest is ready, on every path (boot, resume,
+restart, and the boot that saved a snapshot, after the save), the agent gives it its own MAC,
+address, DNS server and host name (``AgentClient.configure_network``, guest_agent/network.py)
+before ``start()`` returns. No snapshot ever holds an instance's MAC or address.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pytest_incus import fsutil
+from guest_agent.network import PLACEHOLDER_MAC
+from pytest_incus import fsutil, network
 from pytest_incus.agent.client import AgentClient
 from pytest_incus.errors import (
     AgentError,
@@ -41,6 +51,7 @@ from pytest_incus.errors import (
 from pytest_incus.images import vm as vm_images
 from pytest_incus.images.ref import parse_ref
 from pytest_incus.images.store import Image, ImageStore
+from pytest_incus.network import links
 from pytest_incus.runtimes import accel, qemu, readiness, snapshot
 from pytest_incus.spec import VM_INITS, InstanceSpec
 from pytest_incus.values import ExecRequest, ExecResult, NetworkAttachment, Stat
@@ -65,6 +76,10 @@ SETTLE = ExecRequest(("udevadm", "settle", "--timeout=30"), {}, None, None, None
 CONSOLE = "console.log"
 AGENT_SOCKET = "qga.sock"
 AGENT_PORT = "org.qemu.guest_agent.0"
+# A VM on a network boots with the NIC's MAC PLACEHOLDER_MAC, and its machine shape names the
+# tap SHAPE_TAP, whatever its own are: bridged VMs of one shape then share one boot snapshot,
+# and the agent gives each guest its own MAC and address once it is ready (_join_network).
+SHAPE_TAP = "ptit-shape"
 
 _announced: set[str] = set()
 _announce_lock = threading.Lock()
@@ -101,10 +116,6 @@ class VmRuntime:
         if spec.memory is not None and spec.memory < MIN_MEMORY:
             raise ConfigError(
                 f"memory={spec.memory} bytes is too little for a VM; give at least 128MiB"
-            )
-        if spec.network not in (None, "none"):
-            raise ConfigError(
-                f"network={spec.network!r} is not supported yet for VMs; only network='none'"
             )
         for key, value in (("kernel", spec.kernel), ("initrd", spec.initrd)):
             if value is not None and not Path(value).is_file():
@@ -285,9 +296,11 @@ class VirtualMachine:
         # panic=-1 with QEMU's -no-reboot: a panicking guest ends QEMU at once
         return vm_images.kernel_cmdline(self.spec.init, extra=f"panic=-1 {self.spec.kernel_args}")
 
-    def qemu_argv(self, directory: Path | None = None, name: str | None = None) -> list[str]:
-        """QEMU's command line for this instance (for another directory and name: the same
-        machine elsewhere, which is how boot snapshots tell machine shapes apart)."""
+    def qemu_argv(
+        self, directory: Path | None = None, name: str | None = None, tap: str | None = None
+    ) -> list[str]:
+        """QEMU's command line for this instance (for another directory, name and tap device:
+        the same machine elsewhere, which is how boot snapshots tell machine shapes apart)."""
         d = directory or self.directory
         spec = self.spec
         memory = spec.memory or DEFAULT_MEMORY
@@ -311,8 +324,23 @@ class VirtualMachine:
         argv += ["-chardev", f"socket,id=qga0,path={d / AGENT_SOCKET},server=on,wait=off"]
         argv += ["-device", f"virtserialport,chardev=qga0,name={AGENT_PORT}"]
         argv += ["-qmp", f"unix:{d / qemu.QMP_SOCKET},server=on,wait=off"]
-        argv += ["-nic", "none"]
+        if self.network is None:
+            argv += ["-nic", "none"]
+        else:
+            # the tap exists (_make_tap): QEMU only opens it. romfile= skips the NIC's option
+            # ROM (PXE), which a VM booted with -kernel never runs. No announcements after a
+            # resume, by QEMU (RARP) or the guest: they would come from the placeholder MAC,
+            # and cost the resumed guest 20 ms (measured under TCG)
+            tap = tap or self.network.device
+            nic = f"virtio-net-pci,netdev=net0,mac={PLACEHOLDER_MAC},romfile=,guest_announce=off"
+            argv += ["-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no"]
+            argv += ["-device", nic, "-global", "migration.announce-rounds=0"]
         return argv
+
+    def machine_shape(self) -> list[str]:
+        """The command line that names this VM's boot snapshot: ``qemu_argv`` without what is
+        this instance's own (its directory, name and tap device)."""
+        return self.qemu_argv(Path("/instance"), "instance", SHAPE_TAP)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -331,9 +359,53 @@ class VirtualMachine:
     def _start(self, first: bool) -> None:
         deadline = time.monotonic() + self.spec.boot_timeout
         self._kill()  # what is left of a previous boot that ended by itself (a poweroff inside)
-        if first and self._snapshot_allowed() and self._resume_snapshot(deadline):
+        self._make_tap()
+        if not (first and self._snapshot_allowed() and self._resume_snapshot(deadline)):
+            self._boot(deadline)
+        self._join_network()
+
+    # -- the network ---------------------------------------------------------------------
+
+    def _make_tap(self) -> None:
+        """The tap device QEMU plugs the VM's NIC into, on the network's bridge: made at the
+        first start, and again at a restart if it is gone (the network module removes it
+        when the instance leaves the network)."""
+        attachment = self.network
+        if attachment is None or links.master(attachment.device) == attachment.bridge:
             return
-        self._boot(deadline)
+        try:
+            network.make_tap(attachment)
+        except IncusError as exc:
+            raise InstanceStartError(
+                f"VM {self.name}: cannot plug it into network {attachment.network!r}: making "
+                f"its tap device {attachment.device} on bridge {attachment.bridge} failed: {exc}",
+                exc=exc,
+            ) from exc
+
+    def _join_network(self) -> None:
+        """Give the ready guest its own place on its network (guest_agent/network.py): its
+        MAC (never the placeholder it booted with, nor the one of a saved boot), address, DNS
+        server and host name. Done after every boot and resume, and after a boot snapshot
+        was saved, never before: no snapshot holds an instance's address."""
+        attachment = self.network
+        if attachment is None:
+            return
+        assert self._agent is not None
+        try:
+            with self._watching():
+                try:
+                    self._agent.configure_network(attachment, self.name)
+                except AgentError as exc:
+                    error = self._start_error(
+                        f"configuring its network interface ({attachment.address}/"
+                        f"{attachment.prefix}, MAC {attachment.mac}) through the guest agent "
+                        f"failed: {exc}"
+                    )
+                    error.exc = exc
+                    raise error from exc
+        except BaseException:
+            self._kill()
+            raise
 
     def _fall_back_to_tcg(self, failure: KvmFailure, first: bool) -> None:
         """After KVM stopped this guest: with ``auto``, record KVM as broken on this host,
@@ -397,7 +469,7 @@ class VirtualMachine:
         """Start this VM from the boot snapshot of its shape: resume it, or, when there is
         none yet, boot and save one. False (with a warning) when the snapshot does not work,
         for the caller to boot instead."""
-        shape = self.qemu_argv(Path("/instance"), "instance")
+        shape = self.machine_shape()
         version = accel.qemu_version()
         try:
             entry = self._images.boot_snapshot(

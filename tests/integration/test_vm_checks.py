@@ -32,7 +32,6 @@ def fresh_choice() -> Iterator[None]:
         ({"image": "busybox"}, "a VM needs an image with a kernel"),
         ({"cpus": 4096}, "cpus=4096 but this host has only"),
         ({"memory": "16MiB"}, "too little for a VM"),
-        ({"network": "bridged"}, "network='bridged' is not supported yet for VMs"),
         ({"kernel": "/nonexistent/vmlinuz"}, "kernel='/nonexistent/vmlinuz': no such file"),
         ({"initrd": "/nonexistent/initrd"}, "initrd='/nonexistent/initrd': no such file"),
         ({"init": "sysv"}, "init='sysv'"),

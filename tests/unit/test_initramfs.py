@@ -74,6 +74,10 @@ kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
 kernel/drivers/block/virtio_blk.ko.xz: kernel/drivers/virtio/virtio_ring.ko \
 kernel/drivers/virtio/virtio.ko
 kernel/drivers/char/virtio-console.ko.zst: kernel/drivers/virtio/virtio_ring.ko
+kernel/net/core/failover.ko:
+kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko \
+kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
 """
 
 
@@ -152,6 +156,8 @@ def test_initramfs_holds_init_busybox_console_and_modules_in_order(scratch_cache
     loads = [line.split("/")[-1] for line in script.splitlines() if line.startswith("insmod")]
     assert loads.index("virtio.ko") < loads.index("virtio_pci.ko") < loads.index("virtio_blk.ko")
     assert "virtio_console.ko" in loads
+    # the NIC's driver too (init="agent" has no udev to load it), after what it needs
+    assert loads.index("failover.ko") < loads.index("net_failover.ko") < loads.index("virtio_net.ko")
     for applet in ("sh", "mount", "insmod", "switch_root", "poweroff"):
         assert entries[f"bin/{applet}"].data == b"busybox"
     # the script is valid for the shell that runs it
