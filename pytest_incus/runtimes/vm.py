@@ -359,19 +359,19 @@ class VirtualMachine:
     def _start(self, first: bool) -> None:
         deadline = time.monotonic() + self.spec.boot_timeout
         self._kill()  # what is left of a previous boot that ended by itself (a poweroff inside)
-        self._make_tap()
+        self._make_tap(first)
         if not (first and self._snapshot_allowed() and self._resume_snapshot(deadline)):
             self._boot(deadline)
         self._join_network()
 
     # -- the network ---------------------------------------------------------------------
 
-    def _make_tap(self) -> None:
+    def _make_tap(self, first: bool) -> None:
         """The tap device QEMU plugs the VM's NIC into, on the network's bridge: made at the
-        first start, and again at a restart if it is gone (the network module removes it
-        when the instance leaves the network)."""
+        first start (in place of one a crashed launch left), and again at a restart if it is
+        gone (the network module removes it when the instance leaves the network)."""
         attachment = self.network
-        if attachment is None or links.master(attachment.device) == attachment.bridge:
+        if attachment is None or (not first and links.exists(attachment.device)):
             return
         try:
             network.make_tap(attachment)

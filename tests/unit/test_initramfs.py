@@ -157,7 +157,9 @@ def test_initramfs_holds_init_busybox_console_and_modules_in_order(scratch_cache
     assert loads.index("virtio.ko") < loads.index("virtio_pci.ko") < loads.index("virtio_blk.ko")
     assert "virtio_console.ko" in loads
     # the NIC's driver too (init="agent" has no udev to load it), after what it needs
-    assert loads.index("failover.ko") < loads.index("net_failover.ko") < loads.index("virtio_net.ko")
+    assert (
+        loads.index("failover.ko") < loads.index("net_failover.ko") < loads.index("virtio_net.ko")
+    )
     for applet in ("sh", "mount", "insmod", "switch_root", "poweroff"):
         assert entries[f"bin/{applet}"].data == b"busybox"
     # the script is valid for the shell that runs it
