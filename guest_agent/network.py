@@ -17,7 +17,8 @@ interface up, wrote files of ext4 through a temporary file and read sysfs with o
 needs no instance of its own is done before the boot is saved, by ``prepare`` at the agent's
 start: the socket for the ioctls is opened, the file /etc/resolv.conf links to is made, and the
 NIC is brought up silent (no address, no IPv6). What is left for a resumed guest is a few
-ioctls and one write into a file of tmpfs.
+ioctls and one write into a file of tmpfs: about 40 ms under TCG (the address is parsed here,
+not by inet_pton, for the same reason: that alone cost 15 ms in a resumed guest).
 
 Also a program, ``python3 -m guest_agent.network JSON`` (the request's arguments): how the
 host configures a guest whose agent is the stock ``qemu-ga``, with one ``guest-exec``.
