@@ -227,3 +227,11 @@ def test_runs_on_two_caches_share_a_subnet_apart(scratch_settings: Settings) -> 
         first.close()
         second.close()
     assert network.leftovers(one) == [] and network.leftovers(two) == []
+
+
+def test_a_container_and_a_vm_know_each_other_by_name(instance_factory: InstanceFactory) -> None:
+    vm = instance_factory.launch(kind="vm", image="debian/12", init="agent", network="bridged")
+    box = instance_factory.launch(image="debian/12", network="bridged")
+    assert box.exec(["getent", "hosts", vm.name], check=True).stdout.split() == [vm.ipv4, vm.name]
+    lookup = f"import socket; print(socket.gethostbyname({box.name!r}))"
+    assert vm.exec(["python3", "-c", lookup], check=True).stdout == f"{box.ipv4}\n"
