@@ -6,10 +6,14 @@ set -euo pipefail
 # containers: liblxc and its Python bindings' build needs, debootstrap, busybox, newuidmap;
 # VMs: QEMU, qemu-img, mkfs.ext4 (e2fsprogs), lz4 and zstd (Debian's kernels are packed with
 # them); OCI images: skopeo, umoci, and for the tests' loopback registries docker-registry,
-# openssl (their TLS certificates) and apache2-utils (htpasswd: bcrypt hashes of their logins)
+# openssl (their TLS certificates) and apache2-utils (htpasswd: bcrypt hashes of their logins);
+# host-only networks: iproute2 (ip: bridges, veth and tap devices), nftables (nft: each bridge's
+# table that keeps its packets on the host) and dnsmasq-base (/usr/sbin/dnsmasq, each bridge's
+# DNS server; not the `dnsmasq` package, which adds a system-wide service)
 PACKAGES=(lxc lxc-dev pkg-config debootstrap busybox-static uidmap
           qemu-system-x86 qemu-utils e2fsprogs lz4 zstd
-          skopeo umoci docker-registry openssl apache2-utils)
+          skopeo umoci docker-registry openssl apache2-utils
+          iproute2 nftables dnsmasq-base)
 ID_RANGE=1000000-1065535  # host ids of root..65535 inside unprivileged containers
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -23,8 +27,9 @@ for p in "${PACKAGES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup-host: installing ${missing[*]}"
-  # no service of these packages (docker-registry's) may start on the host: tests start their
-  # own registries on loopback
+  # no service of these packages may start on the host: tests start their own registries on
+  # loopback, and nftables' service would load /etc/nftables.conf, which flushes the host's
+  # whole firewall (the plugin only adds tables of its own)
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
