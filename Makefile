@@ -27,3 +27,4 @@ bench: setup
 	$(PYTHON) bench/launch.py
 	$(PYTHON) bench/vm_launch.py
 	$(PYTHON) bench/app_launch.py
+	$(PYTHON) bench/net_launch.py

@@ -30,14 +30,17 @@ or from the command line (run from the repository root)::
 
 All instances this module creates are named ``ptibench-<random hex>`` and are
 deleted (``incus delete -f``) before the function that created them returns,
-whether it succeeded or not.
+whether it succeeded or not; so is the network of :func:`bridge_network` when its
+block ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
+import os
 import platform
 import secrets
 import shutil
@@ -435,6 +438,103 @@ def launched(
         yield name
     finally:
         _delete_instance(name)
+
+
+NETWORK_PREFIX = "incbench"
+"""Prefix of every Incus network this module creates (not ``pti``: host devices named so are
+pytest-incus's own)."""
+
+FIREWALL_TABLE = ("inet", "incus")
+"""The nftables table in which Incus puts the rules of its bridges; it stays, empty, after the
+last of them is deleted."""
+
+
+def _firewall_chains() -> int | None:
+    """How many chains Incus's firewall table has; None if there is no such table."""
+    proc = subprocess.run(
+        ["nft", "-j", "list", "table", *FIREWALL_TABLE],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return None
+    return sum("chain" in item for item in json.loads(proc.stdout)["nftables"])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_networks() -> None:
+    """Delete the networks of this module that a killed run left: named with
+    :data:`NETWORK_PREFIX`, made by a process that is gone (its pid is in the description),
+    and used by no instance."""
+    listing = json.loads(_incus("network", "list", "--format", "json").stdout)
+    for net in listing:
+        name, description = str(net.get("name", "")), str(net.get("description", ""))
+        pid = description.rpartition("pid ")[2]
+        if (
+            name.startswith(NETWORK_PREFIX)
+            and pid.isdigit()
+            and not _pid_alive(int(pid))
+            and not net.get("used_by")
+        ):
+            _incus("network", "delete", name, check=False)
+
+
+@contextlib.contextmanager
+def bridge_network(address: ipaddress.IPv4Interface) -> Iterator[str]:
+    """An Incus-managed bridge with the host at ``address`` (``10.251.128.1/24``): its name.
+
+    Made with ``incus network create NAME ipv4.address=ADDRESS ipv4.nat=false
+    ipv4.routing=false ipv6.address=none raw.dnsmasq=dhcp-option=3``: no NAT; no routing
+    (Incus's default, ``ipv4.routing=true``, sets the host's ``net.ipv4.ip_forward`` to 1, and
+    with false its firewall rejects what would be forwarded off the bridge); and its DHCP
+    server offers no default route (``dhcp-option=3`` without a value: no router). Launch
+    instances on it with ``launch_args=["--network", NAME]``. On exit the network is deleted,
+    and so is Incus's firewall table if it was not there before and is empty now. Networks of
+    killed runs are deleted first.
+
+    Raises:
+        IncusError: if the network cannot be made or deleted.
+    """
+    _remove_stale_networks()
+    name = f"{NETWORK_PREFIX}{secrets.token_hex(3)}"
+    had_table = _firewall_chains() is not None
+    try:
+        _incus(
+            "network", "create", name, f"ipv4.address={address}", "ipv4.nat=false",
+            "ipv4.routing=false", "ipv6.address=none", "raw.dnsmasq=dhcp-option=3",
+            "--description", f"pytest-incus bench network, pid {os.getpid()}",
+        )  # fmt: skip
+        yield name
+    finally:
+        gone = _incus("network", "delete", name, check=False)
+        if gone.returncode != 0 and "not found" not in gone.stderr.lower():
+            raise IncusError(f"could not delete network {name}: {gone.stderr.strip()}")
+        if not had_table and _firewall_chains() == 0:
+            subprocess.run(
+                ["nft", "delete", "table", *FIREWALL_TABLE],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=CLI_TIMEOUT,
+                check=False,
+            )
+
+
+def read_text(name: str, path: str) -> str:
+    """The text of ``path`` inside instance ``name`` (by ``cat``: ``incus file pull`` reads
+    files of /proc as empty)."""
+    return _incus("exec", name, "--", "cat", path).stdout
 
 
 def time_exec(name: str, n: int) -> list[float]:

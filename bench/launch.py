@@ -245,10 +245,11 @@ class Bench:
         self.names.append(raw.name)
         return raw
 
-    def launch_plugin(self, image: str) -> tuple[float, Instance]:
-        """Launch through the plugin; seconds until ready, and the instance."""
+    def launch_plugin(self, image: str, **options: Any) -> tuple[float, Instance]:
+        """Launch through the plugin (``options`` as ``launch()`` takes them); seconds until
+        ready, and the instance."""
         start = time.perf_counter()
-        instance = self.factory.launch(kind="container", image=image)
+        instance = self.factory.launch(kind="container", image=image, **options)
         self.names.append(instance.name)
         if instance.machine.image.init != "systemd":
             # launch() returns once a busybox init runs; ready = first successful exec
@@ -299,8 +300,12 @@ class Bench:
             seconds, container = self.launch_raw(image)
             container.delete()
             return seconds
+        return self.time_plugin(image)
+
+    def time_plugin(self, image: str, **options: Any) -> float | None:
+        """One timed plugin launch-to-ready, deleted again; None if its start failed."""
         try:
-            seconds, instance = self.launch_plugin(image)
+            seconds, instance = self.launch_plugin(image, **options)
         except InstanceStartError as exc:
             # counted and reported as a failure, not retried: a flaky start is a bug
             first = str(exc).splitlines()[0]
@@ -405,10 +410,12 @@ def ensure_incus_image(base: Image, workdir: Path) -> str:
 
 
 class IncusSide:
-    """The incus column for one image: its imported alias and readiness probe."""
+    """The incus column for one image: its imported alias, readiness probe and the extra
+    arguments of its ``incus launch`` (``--network NAME``, say)."""
 
-    def __init__(self, base: Image, workdir: Path) -> None:
+    def __init__(self, base: Image, workdir: Path, launch_args: Sequence[str] = ()) -> None:
         self.alias = ensure_incus_image(base, workdir)
+        self.launch_args = tuple(launch_args)
         if base.init == "systemd":
             self.ready: dict[str, Any] = {
                 "ready_cmd": ib.SYSTEMD_READY_CMD,
@@ -419,11 +426,11 @@ class IncusSide:
 
     def launch_once(self) -> float:
         """``incus launch`` until ready (the instance is deleted again)."""
-        return ib.time_launch(self.alias, 1, **self.ready)[0]
+        return ib.time_launch(self.alias, 1, **self.ready, launch_args=self.launch_args)[0]
 
     def running(self) -> contextlib.AbstractContextManager[str]:
         """A running, ready instance (its name), deleted on exit."""
-        return ib.launched(self.alias, **self.ready)
+        return ib.launched(self.alias, **self.ready, launch_args=self.launch_args)
 
     def exec_once(self, name: str) -> None:
         """One ``incus exec NAME -- true``."""

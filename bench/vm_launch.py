@@ -101,6 +101,14 @@ def raw_launch(settings: Settings, images: ImageStore, init: str) -> float:
         fsutil.remove_tree(directory)
 
 
+def accelerator(settings: Settings, images: ImageStore) -> str:
+    """Which accelerator the VMs get, and why; and the QEMU version (the image is built now
+    if missing)."""
+    kernel = vm_images.boot_kernel(images.get(IMAGE, "vm").path)
+    chosen = accel.choose(settings.accel, settings.cache_dir, kernel)
+    return f"accelerator: {chosen.name} ({chosen.reason}); QEMU: {accel.qemu_version()}"
+
+
 def exec_round_trip(factory: InstanceFactory, count: int) -> list[float]:
     """Seconds of ``count`` execs of ``true`` in one init="agent" VM."""
     instance = factory.launch(kind="vm", image=IMAGE, init="agent")
@@ -130,10 +138,7 @@ def main() -> int:
     factory = InstanceFactory(settings, images)
     cold_settings = dataclasses.replace(settings, vm_snapshots=False)
     cold_factory = InstanceFactory(cold_settings, ImageStore(cold_settings))
-    image = images.get(IMAGE, "vm")  # built before timing anything
-    kernel = vm_images.boot_kernel(image.path)
-    chosen = accel.choose(settings.accel, settings.cache_dir, kernel)
-    print(f"accelerator: {chosen.name} ({chosen.reason}); QEMU: {accel.qemu_version()}")
+    print(accelerator(settings, images))  # the image is built before timing anything
     raw_launch(settings, images, "agent")  # warm the page cache for both columns
     figures: dict[str, dict[str, list[float]]] = {}
     saving: dict[str, float] = {}

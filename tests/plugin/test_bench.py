@@ -63,3 +63,14 @@ def test_vm_benchmark_runs_to_the_end(settings: Settings) -> None:
         timeout=900,
     )
     assert "agent exec round trip" in out and 'init="systemd"' in out, out
+
+
+def test_network_benchmark_runs_to_the_end(settings: Settings) -> None:
+    out = _run(
+        "net_launch.py",
+        *("--quick", "-n", "1", "--vm-launches", "1", "--requests", "3", "--no-incus"),
+        *("--cache-dir", str(settings.cache_dir)),
+        settings=settings,
+        timeout=900,
+    )
+    assert "HTTP round trip" in out and 'vm init="systemd"' in out, out
