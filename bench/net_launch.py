@@ -106,6 +106,9 @@ class Comparison:
     label: str  # "busybox container", "app", 'vm init="agent"'
     series: dict[str, lb.Series] = field(default_factory=dict)  # "none", "bridged", "incus"
     incus_skipped: str | None = None  # why there is no incus column (None: not measured)
+    # the issue's targets are for containers and resumed VMs; an app's ratio is shown, and
+    # fails the run only with --strict
+    target: bool = True
 
 
 class NetBench(lb.Bench):
@@ -206,7 +209,7 @@ def run_container(
 
 def run_app(bench: NetBench, args: argparse.Namespace) -> Comparison:
     """The comparison of an app: ``app_launch.py``'s busybox image, running until deleted."""
-    comparison = Comparison("app")
+    comparison = Comparison("app", target=False)
     work = bench.settings.cache_dir / f"bench-net-app-{secrets.token_hex(4)}"
     ref = f"oci:{work / 'layout'}:{app_launch.TAG}"
     try:
@@ -340,7 +343,9 @@ def verdicts(comparison: Comparison) -> list[lb.Verdict]:
         lb.Verdict(False, f"{text}: a column has no successful launch", True)
         if ratio is None
         else lb.Verdict(
-            ratio <= NETWORK_RATIO_MAX, f"{text} {ratio:.2f} <= {NETWORK_RATIO_MAX}", True
+            ratio <= NETWORK_RATIO_MAX,
+            f"{text} {ratio:.2f} <= {NETWORK_RATIO_MAX}",
+            comparison.target,
         )
     )
     if "incus" not in series and comparison.incus_skipped is None:
