@@ -171,6 +171,7 @@ class RawContainer:
             stdin=subprocess.DEVNULL,
             capture_output=True,
             check=False,
+            start_new_session=True,  # as the plugin starts it
         )
         if started.returncode != 0:
             raise IncusError(f"raw liblxc could not start {self.name}; see {self.directory}")

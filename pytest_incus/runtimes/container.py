@@ -406,6 +406,7 @@ class Container:
                 capture_output=True,
                 timeout=max(1.0, deadline - time.monotonic()),
                 check=False,
+                start_new_session=True,  # what liblxc signals in its group is never the run
             )
         except subprocess.TimeoutExpired:
             raise self._start_error(

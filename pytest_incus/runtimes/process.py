@@ -48,6 +48,12 @@ def stat(pid: int) -> Entry | None:
         return None
 
 
+def own_child(pid: int) -> bool:
+    """True if ``pid`` is a child of this process (not yet collected)."""
+    entry = stat(pid)
+    return pid > 0 and entry is not None and entry.parent == os.getpid()
+
+
 def _process_table() -> dict[int, Entry]:
     """Every process on the host, in one pass of /proc."""
     table = {}
@@ -132,6 +138,8 @@ def _tree(pid: int, namespace: int | None, spare: Collection[int]) -> set[int]:
 
 def _signal_all(pids: Collection[int], sig: signal.Signals) -> None:
     for target in pids:
+        if target <= 0:  # kill(0) or kill(-1): a whole process group, or every process
+            continue
         with contextlib.suppress(ProcessLookupError):
             os.kill(target, sig)
 

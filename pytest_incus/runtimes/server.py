@@ -364,7 +364,10 @@ class ExecServer:
         finally:
             os.close(devnull)
             theirs.close()
-        if pid < 0:
+        # the attach's pid is signalled below and at every kill: it must be our own child.
+        # kill(0) would end this whole process group (the test run), and liblxc's attach into
+        # a container whose init is dying has been seen to end the run that way
+        if pid <= 0 or not process.own_child(pid):
             ours.close()
             raise IncusError(
                 f"container {self._name}: liblxc could not attach its exec server; "
