@@ -116,7 +116,7 @@ def _subnet(settings: Settings, state: State, routes: list[tuple[subnet.Net, str
     foreign = [(net, dev) for net, dev in routes if not links.ours(dev)]
     if settings.subnet:
         chosen = ipaddress.IPv4Network(settings.subnet)
-        subnet.check(chosen, foreign, ())
+        subnet.check(chosen, foreign)
         return chosen
     recorded = state.get("subnet")
     if recorded:
@@ -158,6 +158,8 @@ def _host_lock() -> Iterator[None]:
 
 
 def _make_network(settings: Settings, state: State, name: str) -> dict[str, Any]:
+    if missing := unavailable():  # once per network, not at every launch
+        raise IncusError(f"network {name!r}: {missing}")
     routes = subnet.host_routes()
     whole = _subnet(settings, state, routes)
     own = {n["bridge"] for n in state["networks"].values()}
@@ -172,7 +174,7 @@ def _make_network(settings: Settings, state: State, name: str) -> dict[str, Any]
         )
     bridge = bridge_name(settings, name)
     gateway = str(cidr[1])
-    net = {"bridge": bridge, "cidr": str(cidr), "next": 2}
+    net = {"bridge": bridge, "cidr": str(cidr), "next": 0}
     state_dir = _bridge_dir(settings, bridge)
     state_dir.mkdir(parents=True, exist_ok=True)
     state["networks"][name] = net  # recorded first: a failure below is removed by sweep
@@ -209,11 +211,11 @@ def _allocate(state: State, name: str, net: dict[str, Any]) -> ipaddress.IPv4Add
     cidr = ipaddress.IPv4Network(net["cidr"])
     hosts = list(cidr.hosts())[1:]  # the first is the host's
     used = {lease["address"] for lease in state["leases"].values() if lease["network"] == name}
-    start = max(0, int(net.get("next", 2)) - 2) % len(hosts)
+    start = int(net.get("next", 0))  # the index in ``hosts`` to try first
     for i in range(len(hosts)):
         address = hosts[(start + i) % len(hosts)]
         if str(address) not in used:
-            state["networks"][name]["next"] = (start + i + 1) % len(hosts) + 2
+            state["networks"][name]["next"] = (start + i + 1) % len(hosts)
             return address
     raise IncusError(
         f"network {name!r} ({cidr}) is full: {len(hosts)} instances have an address on it; "
@@ -227,8 +229,6 @@ def attach(
     """Lease an address on ``network`` ("bridged" or a name) for ``instance`` (whose
     directory is ``directory``), make the network's bridge if it has none, and make the
     instance's name resolvable on it. ConfigError for a subnet that cannot work here."""
-    if missing := unavailable():
-        raise IncusError(f"network={network!r}: {missing}")
     fsutil.write_atomic(directory / MARKER, json.dumps({"network": network}))
     with _state(settings) as state:
         if instance in state["leases"]:  # of a crashed launch of the same name

@@ -47,17 +47,26 @@ def firewall_rules(bridge: str) -> str:
     )
 
 
-def make_firewall(bridge: str) -> None:
-    """Add the table of ``bridge`` (replacing one a crashed run left)."""
-    drop = f"table inet {bridge}\ndelete table inet {bridge}\n" if firewall_exists(bridge) else ""
+def _nft(script: str, what: str) -> None:
     tools.run(
         ["nft", "-f", "-"],
-        input=(drop + firewall_rules(bridge)).encode(),
-        what=f"nft (the firewall table of bridge {bridge})",
+        input=script.encode(),
+        what=f"nft ({what})",
         error=IncusError,
         fix="apt-get install nftables (and a kernel with nf_tables)",
         timeout=NFT_TIMEOUT,
     )
+
+
+def _drop_table(bridge: str) -> str:
+    """nft lines that delete the table of ``bridge`` whether it exists or not: the first
+    declares it (a no-op for one that exists), so the delete always finds it."""
+    return f"table inet {bridge}\ndelete table inet {bridge}\n"
+
+
+def make_firewall(bridge: str) -> None:
+    """Add the table of ``bridge`` (replacing one a crashed run left), in one nft run."""
+    _nft(_drop_table(bridge) + firewall_rules(bridge), f"the firewall table of bridge {bridge}")
 
 
 def firewall_tables() -> list[str]:
@@ -82,13 +91,7 @@ def firewall_exists(bridge: str) -> bool:
 
 def remove_firewall(bridge: str) -> None:
     """Delete the table of ``bridge`` if it exists."""
-    if firewall_exists(bridge):
-        tools.run(
-            ["nft", "delete", "table", "inet", bridge],
-            what=f"nft (deleting the firewall table of bridge {bridge})",
-            error=IncusError,
-            timeout=NFT_TIMEOUT,
-        )
+    _nft(_drop_table(bridge), f"deleting the firewall table of bridge {bridge}")
 
 
 def keep_on_host(bridge: str) -> None:

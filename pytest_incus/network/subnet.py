@@ -61,9 +61,9 @@ def choose(routes: Iterable[tuple[Net, str]]) -> Net:
     )
 
 
-def check(subnet: Net, routes: Iterable[tuple[Net, str]], own: Collection[str]) -> None:
-    """ConfigError if ``subnet`` overlaps a route of the host that is not one of ``own``."""
-    if clash := overlapping(subnet, routes, own):
+def check(subnet: Net, routes: Iterable[tuple[Net, str]]) -> None:
+    """ConfigError if ``subnet`` overlaps one of ``routes``."""
+    if clash := overlapping(subnet, routes, ()):
         raise ConfigError(
             f"--incus-subnet {subnet} overlaps the host's route {clash[0]}: instances would "
             "shadow addresses the host really uses; give another subnet (--incus-subnet, ini "
