@@ -23,8 +23,8 @@ log = logging.getLogger("pytest_incus")
 def check_spec(spec: InstanceSpec, *, where: str, images: ImageStore) -> None:
     """Everything knowable before launch: image name and kind-specific options."""
     try:
-        images.check(spec.image)
         get_runtime(spec.kind).check(spec)
+        images.check(spec.image, spec.kind)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     except UnavailableError:

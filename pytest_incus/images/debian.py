@@ -1,20 +1,21 @@
-"""``debian/<release>`` images: debootstrap minbase with systemd as init."""
+"""``debian/<release>`` images: debootstrap minbase with systemd as init.
+
+The source of ``debian/<number>`` and ``debian/<codename>`` names: containers get a minbase
+with systemd, VMs a root filesystem of their own with the kernel and the agent's needs (see
+images/vm.py, which makes the disk from it).
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pytest_incus.errors import ImageError
+from pytest_incus.errors import ConfigError
+from pytest_incus.images import debootstrap, vm
+from pytest_incus.images.ref import DEBIAN_NUMBERS, DEBIAN_RELEASES, ImageRef
+from pytest_incus.images.source import NOT_APP, Built, Context, Version, default_version
 
 PACKAGES = ("systemd-sysv", "python3-minimal")
 RECIPE = "2"  # bump when the build changes: cached entries of another recipe are rebuilt
-PROGRESS_EVERY = 5.0  # seconds between progress lines
-BUILD_TIMEOUT = 1800.0
 
 # Units that cannot work in a container (kernel modules, kernel filesystems, consoles) and
 # only slow down boot or, failing in an unprivileged container, make it "degraded".
@@ -35,61 +36,39 @@ _MASKED_UNITS = (
 )
 
 
-def build(release: str, rootfs: Path, mirror: str, progress: Callable[[str], None]) -> str:
-    """Debootstrap Debian ``release`` (a codename) into ``rootfs``; returns its init flavour."""
-    debootstrap(release, rootfs, mirror, PACKAGES, progress, what=f"debian/{release}")
-    _tune(rootfs)
-    return "systemd"
+class DebianSource:
+    """``debian/<release>``: built locally with debootstrap from the configured mirror."""
 
+    name = "debian"
 
-def debootstrap(
-    release: str,
-    rootfs: Path,
-    mirror: str,
-    packages: Sequence[str],
-    progress: Callable[[str], None],
-    *,
-    what: str,
-) -> None:
-    """Debootstrap a minbase Debian ``release`` with ``packages`` into ``rootfs``, showing
-    progress every few seconds; ImageError with its last lines if it fails. ``what`` names
-    the image in messages."""
-    if shutil.which("debootstrap") is None:
-        raise ImageError(f"building {what} needs debootstrap: apt-get install debootstrap")
-    cmd = [
-        "debootstrap",
-        "--variant=minbase",
-        f"--include={','.join(packages)}",
-        release,
-        str(rootfs),
-        mirror,
-    ]
-    started = time.monotonic()
-    last_report = started
-    tail: list[str] = []
-    with subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "LC_ALL": "C"},
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            tail = [*tail[-40:], line.rstrip()]
-            now = time.monotonic()
-            if now - last_report >= PROGRESS_EVERY and line.startswith("I: "):
-                progress(f"{what}: {line[3:].strip()} ({now - started:.0f}s)")
-                last_report = now
-            if now - started > BUILD_TIMEOUT:
-                proc.kill()
-        code = proc.wait()
-    if code != 0:
-        raise ImageError(
-            f"debootstrap of {what} from {mirror} failed (exit {code}); check the mirror "
-            "(--incus-mirror) and the network. Its last lines:\n" + "\n".join(tail[-15:])
-        )
+    def parse(self, image: str) -> ImageRef | None:
+        """``debian/12`` or ``debian/bookworm``; ConfigError for a release it does not know."""
+        if not image.startswith("debian/"):
+            return None
+        release = image.split("/", 1)[1]
+        codename = DEBIAN_RELEASES.get(release, release)
+        if codename not in DEBIAN_NUMBERS:
+            known = ", ".join(f"debian/{n} (debian/{c})" for n, c in DEBIAN_RELEASES.items())
+            raise ConfigError(f"unknown Debian release in image {image!r}; known: {known}")
+        return ImageRef(image, self.name, f"debian-{codename}", release=codename)
+
+    def problem(self, ref: ImageRef, form: str, context: Context) -> str | None:
+        """Containers and VMs; no apps."""
+        return NOT_APP if form == "app" else None
+
+    def resolve(self, ref: ImageRef, form: str, context: Context) -> Version:
+        """Always its own build; the recipe says which."""
+        return default_version(ref, form, vm.ROOTFS_RECIPE if form == "vm-rootfs" else RECIPE)
+
+    def build(self, ref: ImageRef, version: Version, rootfs: Path, context: Context) -> Built:
+        """Debootstrap the release: a container's minbase, or a VM's root filesystem."""
+        assert ref.release is not None
+        mirror, progress = context.settings.mirror, context.progress
+        if version.key == ref.vm_root_key:
+            return Built(vm.build_rootfs(ref.release, rootfs, mirror, progress))
+        debootstrap.run(ref.release, rootfs, mirror, PACKAGES, progress, what=ref.name)
+        _tune(rootfs)
+        return Built("systemd")
 
 
 def _tune(rootfs: Path) -> None:

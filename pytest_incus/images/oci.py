@@ -23,6 +23,7 @@ when that fails is turned into an error that says what to do (:func:`_access_err
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -37,6 +38,8 @@ import filelock
 
 from pytest_incus import fsutil
 from pytest_incus.errors import ImageError
+from pytest_incus.images.ref import OCI_PREFIXES, ImageRef
+from pytest_incus.images.source import NOT_APP, Built, Context, Version
 
 log = logging.getLogger("pytest_incus")
 
@@ -460,3 +463,32 @@ def _edit_layout(layout: Path, *args: str) -> None:
             f"umoci {' '.join(args[1:])} failed ({_last_line(proc.stderr)}); if the cache's "
             f"OCI layout is damaged, remove {layout.parent}: its images are fetched again"
         )
+
+
+class OciSource:
+    """OCI references in skopeo's transport syntax, for kind="app": a tag is resolved to its
+    manifest digest, and the entry is keyed by the digest (an updated tag is a new entry)."""
+
+    name = "oci"
+
+    def parse(self, image: str) -> ImageRef | None:
+        """``docker://``, ``oci:``, ``oci-archive:`` and ``docker-archive:`` references."""
+        if not image.startswith(OCI_PREFIXES):
+            return None
+        return ImageRef(image, self.name, "oci-" + hashlib.sha256(image.encode()).hexdigest()[:16])
+
+    def problem(self, ref: ImageRef, form: str, context: Context) -> str | None:
+        """Apps only."""
+        return None if form == "app" else NOT_APP
+
+    def resolve(self, ref: ImageRef, form: str, context: Context) -> Version:
+        """Ask the registry (or read the layout or archive) for the manifest's digest."""
+        require_tools()
+        resolved = resolve(ref.name, context.settings.insecure_registries)
+        return Version(resolved.key, detail=resolved)
+
+    def build(self, ref: ImageRef, version: Version, rootfs: Path, context: Context) -> Built:
+        """Fetch the blobs into the shared layout and unpack the image."""
+        settings = context.settings
+        config = fetch(version.detail, settings.cache_dir, rootfs, settings.insecure_registries)
+        return Built("app", app=config)

@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +36,9 @@ import filelock
 
 from pytest_incus import fsutil
 from pytest_incus.errors import ConfigError, ImageError
-from pytest_incus.images import busybox, debian, local, oci, shift, vm
-from pytest_incus.images.ref import ImageRef, parse_ref
+from pytest_incus.images import oci, shift, sources, vm
+from pytest_incus.images.ref import ImageRef
+from pytest_incus.images.source import BuildHook, Built, Context, ImageSource, Progress
 from pytest_incus.settings import Settings
 
 log = logging.getLogger("pytest_incus")
@@ -46,18 +47,7 @@ RECORD = "image.json"
 BUILD_LOG = "builds.jsonl"
 LOCK_TIMEOUT = 3600.0
 
-Progress = Callable[[str], None]
-BuildHook = Callable[[str, Path], bool | None]
 KINDS = ("container", "vm", "app")
-
-
-@dataclass(frozen=True)
-class Built:
-    """What a builder reports about the entry it made (recorded in image.json)."""
-
-    init: str
-    kernel_release: str | None = None
-    app: oci.AppConfig | None = None
 
 
 _counter = itertools.count()
@@ -79,6 +69,8 @@ class Image:
     recipe: str = ""  # version of the build steps; an entry of another recipe is rebuilt
     kernel_release: str | None = None  # a VM image's kernel (``uname -r`` in the guest)
     app: oci.AppConfig | None = None  # an app image's OCI config (Entrypoint, Cmd, Env, ...)
+    fingerprint: str | None = None  # a downloaded image's, as its server computes it
+    downloads: tuple[str, ...] = ()  # the download cache's files it was made from (sha256)
 
     @property
     def rootfs(self) -> Path:
@@ -127,6 +119,8 @@ class Image:
                 recipe=str(data.get("recipe", "")),
                 kernel_release=data.get("kernel_release"),
                 app=oci.AppConfig.from_json(data["app"]) if data.get("app") else None,
+                fingerprint=data.get("fingerprint"),
+                downloads=tuple(str(d) for d in data.get("downloads", ())),
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
@@ -156,114 +150,86 @@ class ImageStore:
         build_hook: BuildHook | None = None,
         hook_implemented: Callable[[], bool] | None = None,
         progress: Progress | None = None,
+        image_sources: Sequence[ImageSource] = sources.DEFAULT,
     ) -> None:
         self.settings = settings
-        self._build_hook = build_hook
         self._hook_implemented = hook_implemented or (lambda: build_hook is not None)
         self.progress: Progress = progress or log.info
         """Shows a line to the user (pytest's terminal writer under pytest)."""
-        self._seen: dict[str, Image] = {}
+        self._sources = tuple(image_sources)
+        self._by_name = {source.name: source for source in self._sources}
+        self._context = Context(settings, self._show, self, build_hook)
+        self._seen: dict[object, Image] = {}  # resolved this session: (ref key, kind) -> entry
+
+    def _show(self, message: str) -> None:
+        self.progress(message)  # late-bound: callers may replace ``progress``
 
     # -- public API ------------------------------------------------------------------------
 
-    def check(self, image: str) -> ImageRef:
-        """Parse ``image``; ConfigError for a name that can never work, a name of nobody's
-        included (a name for a ``pytest_incus_build_image`` hook when no plugin has one)."""
-        ref = parse_ref(image)
+    def check(self, image: str, kind: str | None = None) -> ImageRef:
+        """Parse ``image``; ConfigError for a name that can never work (for ``kind``, when
+        given), a name of nobody's included (a name for a ``pytest_incus_build_image`` hook
+        when no plugin has one)."""
+        ref = sources.parse_ref(image, self._sources)
         if ref.source == "hook" and not self._hook_implemented():
             raise ConfigError(
                 f"image {image!r} is not a name pytest-incus knows (busybox, debian/<release>, "
-                "an OCI reference for kind='app' or a rootfs path), and no plugin implements "
-                "the pytest_incus_build_image hook to build it; check the name, or implement "
-                "the hook in your conftest.py"
+                "images:<distro>/<release>, an OCI reference for kind='app' or a rootfs path), "
+                "and no plugin implements the pytest_incus_build_image hook to build it; check "
+                "the name, or implement the hook in your conftest.py"
             )
+        if kind is not None:
+            if kind not in KINDS:
+                raise ConfigError(
+                    f"image {image!r}: kind={kind!r} images are not supported yet; "
+                    f"this version builds images for {' and '.join(KINDS)}"
+                )
+            if problem := self.problem(ref, _form(kind)):
+                raise ConfigError(f"image {image!r} with kind={kind!r}: {problem}")
         return ref
+
+    def problem(self, ref: ImageRef, form: str) -> str | None:
+        """Why ``ref``'s source cannot make it in ``form`` (see images/source.py), or None."""
+        return self._by_name[ref.source].problem(ref, form, self._context)
 
     def get(self, image: str, kind: str = "container") -> Image:
         """Ensure ``image`` is cached for ``kind`` and return it, building it if needed.
 
-        A ``kind="vm"`` image (only ``debian/<release>``) is a disk, a kernel and an initrd.
-        A ``kind="app"`` image is an OCI reference (``docker://``, ``oci:``, ``oci-archive:``)
-        unpacked by umoci; its record carries the image config (``Image.app``).
+        A name that moves (an OCI tag, an ``images:`` alias) is resolved once per store (a
+        session). A ``kind="vm"`` image is a disk, a kernel and an initrd, made from the
+        source's VM root filesystem. A ``kind="app"`` image is an OCI reference unpacked by
+        umoci; its record carries the image config (``Image.app``).
         """
-        if kind not in KINDS:
-            raise ConfigError(
-                f"image {image!r}: kind={kind!r} images are not supported yet; "
-                f"this version builds images for {' and '.join(KINDS)}"
-            )
-        ref = self.check(image)
-        if kind == "app" or ref.source == "oci":
-            return self._get_app(ref, kind)
-        if ref.source == "simplestreams":
-            raise ConfigError(
-                f"image {image!r}: {ref.source} images are not supported yet by this "
-                "version; use busybox, debian/<release> or a rootfs path"
-            )
-        if kind == "vm":
-            return self._get_vm(ref)
-        cached = self._seen.get(ref.key)
+        ref = self.check(image, kind)
+        cached = self._seen.get((ref.key, kind))
         if cached is not None and (cached.path / RECORD).exists():
             return cached
-        recipe = debian.RECIPE if ref.source == "debian" else ""
-        entry = self._ensure(
-            ref.key,
-            lambda rootfs: Built(self._build(ref, rootfs)),
-            ref=ref.name,
-            kind=kind,
-            recipe=recipe,
-        )
-        self._seen[ref.key] = entry
+        entry = self.form(ref, kind) if kind != "vm" else self._vm(ref, self.form(ref, "vm-rootfs"))
+        self._seen[(ref.key, kind)] = entry
         return entry
 
-    def _get_app(self, ref: ImageRef, kind: str) -> Image:
-        if ref.source != "oci" or kind != "app":
-            raise ConfigError(
-                f"image {ref.name!r} with kind={kind!r}: OCI references (docker://, oci:, "
-                "oci-archive:) are app images and app images are OCI references; "
-                "use kind='app' with an OCI reference"
-            )
-        # a tag is resolved once per store (a session); the entry is keyed by the digest
-        cached = self._seen.get(ref.key)
-        if cached is not None and (cached.path / RECORD).exists():
-            return cached
-        oci.require_tools()
-        insecure = self.settings.insecure_registries
-        resolved = oci.resolve(ref.name, insecure)
-
-        def make(rootfs: Path) -> Built:
-            config = oci.fetch(resolved, self.settings.cache_dir, rootfs, insecure)
-            return Built("app", app=config)
-
-        entry = self._ensure(resolved.key, make, ref=ref.name, kind="app")
-        self._seen[ref.key] = entry
-        return entry
-
-    def _get_vm(self, ref: ImageRef) -> Image:
-        if ref.source != "debian":
-            raise ConfigError(
-                f"image {ref.name!r}: a VM needs an image with a kernel; kind='vm' builds "
-                "debian/<release> images only"
-            )
-        assert ref.release is not None
-        release = ref.release
-        cached = self._seen.get(ref.vm_key)
-        if cached is not None and (cached.path / RECORD).exists():
-            return cached
-        # two steps (see images/vm.py): the slow rootfs, then the disk with the agent
-        root = self._ensure(
-            ref.vm_root_key,
-            lambda rootfs: Built(
-                vm.build_rootfs(release, rootfs, self.settings.mirror, self.progress)
-            ),
+    def form(self, ref: ImageRef, form: str) -> Image:
+        """The entry of ``ref`` in ``form`` (see images/source.py): resolved by its source
+        now, and built if it is not cached."""
+        source = self._by_name[ref.source]
+        version = source.resolve(ref, form, self._context)
+        return self._ensure(
+            version.key,
+            lambda rootfs: source.build(ref, version, rootfs, self._context),
             ref=ref.name,
-            kind="vm-rootfs",
-            recipe=vm.ROOTFS_RECIPE,
+            kind=form,
+            base=version.base,
+            not_older_than=version.not_older_than,
+            recipe=version.recipe,
         )
+
+    def _vm(self, ref: ImageRef, root: Image) -> Image:
+        """The VM image made from the root filesystem entry ``root`` (see images/vm.py)."""
 
         def make(rootfs: Path) -> Built:
             return Built("systemd", vm.build(root.rootfs, rootfs.parent, rootfs, self.progress))
 
-        entry = self._ensure(
+        return self._ensure(
             ref.vm_key,
             make,
             ref=ref.name,
@@ -272,8 +238,6 @@ class ImageStore:
             not_older_than=root.created,
             recipe=vm.recipe(),
         )
-        self._seen[ref.vm_key] = entry
-        return entry
 
     def shifted(self, image: Image, base_id: int) -> Image:
         """A copy of ``image`` with every owner moved up by ``base_id``, for unprivileged use.
@@ -346,7 +310,7 @@ class ImageStore:
         images still cached share. Pruning everything also removes incomplete entries and
         drops the images of the layout that no entry holds. Returns the removed entries.
         """
-        ref = parse_ref(image) if image else None
+        ref = sources.parse_ref(image, self._sources) if image else None
         removed = []
         untag = set()
         for entry in self.list():
@@ -481,6 +445,8 @@ class ImageStore:
                 "created": time.time(),
                 "size": fsutil.tree_size(staging),
                 "kernel_release": built.kernel_release,
+                "fingerprint": built.fingerprint,
+                "downloads": list(built.downloads),
             }
             if built.app is not None:
                 record["app"] = built.app.to_json()
@@ -516,19 +482,7 @@ class ImageStore:
         assert entry is not None
         return entry
 
-    def _build(self, ref: ImageRef, rootfs: Path) -> str:
-        if ref.source == "busybox":
-            return busybox.build(rootfs)
-        if ref.source == "debian":
-            assert ref.release is not None
-            return debian.build(ref.release, rootfs, self.settings.mirror, self.progress)
-        if ref.source == "local":
-            assert ref.path is not None
-            local.build(ref.path, rootfs)
-            return local.detect_init(rootfs)
-        if self._build_hook is not None and self._build_hook(ref.name, rootfs):
-            return local.detect_init(rootfs)
-        raise ImageError(
-            f"no builder knows image {ref.name!r}: no pytest_incus_build_image hook built it "
-            "(none returned True for it); check the name, or make your hook build it"
-        )
+
+def _form(kind: str) -> str:
+    """The entry form an instance of ``kind`` needs from the image's source."""
+    return "vm-rootfs" if kind == "vm" else kind

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from pytest_incus import tools
 from pytest_incus.errors import ConfigError, ImageError
-from pytest_incus.images import debian, initramfs
+from pytest_incus.images import debootstrap, initramfs
 
 # Versions of the two build steps: bump one when its step changes, and cached entries of the
 # other version are rebuilt. The disk step's recipe also follows the agent (see recipe()).
@@ -217,7 +217,7 @@ def build_rootfs(release: str, rootfs: Path, mirror: str, progress: Progress) ->
     for tool, package in (("mkfs.ext4", "e2fsprogs"), ("qemu-img", "qemu-utils")):
         if shutil.which(tool) is None:  # checked now, not after minutes of debootstrap
             raise ImageError(f"building a VM image needs {tool}: apt-get install {package}")
-    debian.debootstrap(
+    debootstrap.run(
         release, rootfs, mirror, PACKAGES, progress, what=f"the debian/{release} VM image"
     )
     _kernel_release(rootfs)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pytest_incus.errors import ConfigError
-from pytest_incus.images.ref import parse_ref
+from pytest_incus.images.sources import parse_ref
 
 
 @pytest.mark.parametrize(
