@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import secrets
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -292,3 +294,55 @@ def test_not_a_simplestreams_server(work: Path, session: requests.Session) -> No
     (work / "streams/v1/index.json").write_text('{"hello": "world"}')
     with ImageServer(work) as server, pytest.raises(ImageError, match="not a simplestreams"):
         simplestreams.lookup(server.url, "debian/12", session=session)
+
+
+def _image_with_rootfs(ftype: str) -> RemoteImage:
+    meta = simplestreams.RemoteFile("incus.tar.xz", "images/m", "a" * 64, 1)
+    rootfs = simplestreams.RemoteFile(ftype, "images/r", "b" * 64, 1)
+    return RemoteImage(
+        "http://127.0.0.1:1", "x/y", "x:y:default:amd64", "1", "f" * 64, meta, rootfs
+    )
+
+
+def test_unpack_root_tar_xz_keeps_owners_and_xattrs(work: Path) -> None:
+    # incus-simplestreams writes only squashfs trees ("Unsupported data type .tar.xz"), so
+    # the tarball that public servers also carry is made here
+    source = work / "source"
+    (source / "etc").mkdir(parents=True)
+    marker = source / "etc" / "marker"
+    marker.write_text("tarball\n")
+    os.chown(marker, 1234, 4321)
+    os.setxattr(marker, "user.pti", b"kept")
+    tarball = work / "root.tar.xz"
+    subprocess.run(
+        [
+            "tar",
+            "-c",
+            "-J",
+            "--numeric-owner",
+            "--xattrs",
+            "-f",
+            str(tarball),
+            "-C",
+            str(source),
+            ".",
+        ],
+        check=True,
+    )
+    rootfs = work / "rootfs"
+    rootfs.mkdir()
+    simplestreams.unpack(_image_with_rootfs("root.tar.xz"), tarball, rootfs)
+    unpacked = rootfs / "etc" / "marker"
+    assert unpacked.read_text() == "tarball\n"
+    assert (unpacked.stat().st_uid, unpacked.stat().st_gid) == (1234, 4321)
+    assert os.getxattr(unpacked, "user.pti") == b"kept"
+
+
+def test_unpack_of_a_broken_squashfs_says_what_the_tool_said(work: Path) -> None:
+    broken = work / "broken.squashfs"
+    broken.write_bytes(b"not a squashfs" * 100)
+    rootfs = work / "rootfs"
+    rootfs.mkdir()
+    with pytest.raises(ImageError, match=r"unsquashfs failed \(exit \d+\): .*squashfs") as info:
+        simplestreams.unpack(_image_with_rootfs("squashfs"), broken, rootfs)
+    assert str(broken) in str(info.value)
