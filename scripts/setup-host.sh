@@ -9,11 +9,17 @@ set -euo pipefail
 # openssl (their TLS certificates) and apache2-utils (htpasswd: bcrypt hashes of their logins);
 # host-only networks: iproute2 (ip: bridges, veth and tap devices), nftables (nft: each bridge's
 # table that keeps its packets on the host) and dnsmasq-base (/usr/sbin/dnsmasq, each bridge's
-# DNS server; not the `dnsmasq` package, which adds a system-wide service)
+# DNS server; not the `dnsmasq` package, which adds a system-wide service);
+# images: from simplestreams servers: squashfs-tools (unsquashfs, and mksquashfs for the tests'
+# images) and incus-extra (incus-simplestreams, which writes the tests' image trees; only in
+# bookworm-backports, whose source is added if no apt source names it)
 PACKAGES=(lxc lxc-dev pkg-config debootstrap busybox-static uidmap
           qemu-system-x86 qemu-utils e2fsprogs lz4 zstd
           skopeo umoci docker-registry openssl apache2-utils
-          iproute2 nftables dnsmasq-base)
+          iproute2 nftables dnsmasq-base
+          squashfs-tools incus-extra)
+BACKPORTS_ONLY=(incus-extra)
+BACKPORTS_LIST=/etc/apt/sources.list.d/bookworm-backports.list
 ID_RANGE=1000000-1065535  # host ids of root..65535 inside unprivileged containers
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -35,6 +41,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
     chmod 755 /usr/sbin/policy-rc.d
   fi
+  for p in "${BACKPORTS_ONLY[@]}"; do
+    if [[ " ${missing[*]} " == *" $p "* ]] && ! grep -Eqs '(^|[[:space:]])bookworm-backports([[:space:]]|$)' \
+        /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; then
+      echo "setup-host: enabling bookworm-backports (for ${BACKPORTS_ONLY[*]}) in $BACKPORTS_LIST"
+      printf 'deb http://deb.debian.org/debian bookworm-backports main\n' > "$BACKPORTS_LIST"
+    fi
+  done
+  # a package found only in backports installs from there without -t: its dependencies come
+  # from bookworm, as everything else does
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

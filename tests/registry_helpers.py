@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tls_helpers import make_tls
+
 from pytest_incus import fsutil
 from pytest_incus.images.busybox import host_busybox
 
@@ -130,27 +132,6 @@ def _run(args: Sequence[str], *, input: str | None = None, cwd: Path | None = No
     return proc.stdout
 
 
-# run in the TLS directory: a CA, and a certificate for 127.0.0.1 that it signs (Go checks the
-# subjectAltName, never the CN); EC keys, as they are made in milliseconds
-_OPENSSL = (
-    "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.crt"
-    " -days 2 -subj /CN=pytest-incus-test-CA -addext basicConstraints=critical,CA:TRUE"
-    " -addext keyUsage=critical,keyCertSign,cRLSign",
-    "req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key -out server.csr"
-    " -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1",
-    "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2"
-    " -copy_extensions copy -out server.crt",
-)
-
-
-def _make_tls(tls: Path) -> None:
-    """Make ``ca.crt`` and the registry's ``server.crt`` and ``server.key`` in ``tls``."""
-    assert shutil.which("openssl"), "the secure registry needs openssl: apt-get install openssl"
-    tls.mkdir(mode=0o700)
-    for command in _OPENSSL:
-        _run(["openssl", *command.split()], cwd=tls)
-
-
 def _make_htpasswd(path: Path, login: Login) -> None:
     assert shutil.which("htpasswd"), (
         "the secure registry needs htpasswd: apt-get install apache2-utils"
@@ -175,7 +156,7 @@ def running_registry(*, secure: bool = False) -> Iterator[Registry]:
         text = _CONFIG.format(storage=root / "storage", addr=host)
         ca, login = None, None
         if secure:
-            _make_tls(root / "tls")
+            make_tls(root / "tls")
             login = Login("tester", secrets.token_hex(8))
             _make_htpasswd(root / "htpasswd", login)
             text += _SECURE_CONFIG.format(tls=root / "tls", root=root)
