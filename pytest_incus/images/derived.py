@@ -302,10 +302,13 @@ _POLICY_RC_D = (
 
 
 def _forbid_services() -> str:
+    # only where /usr/sbin exists (every distribution with invoke-rc.d has it): a minimal
+    # image without it gets no directory it did not have
     return (
+        f"if [ -d /usr/sbin ]; then "
         f"if [ -e {POLICY_RC_D} ] || [ -L {POLICY_RC_D} ]; then "
         f"mv {POLICY_RC_D} {POLICY_RC_D_SAVED}; fi && "
-        f"printf %s {shlex.quote(_POLICY_RC_D)} > {POLICY_RC_D} && chmod 0755 {POLICY_RC_D}"
+        f"printf %s {shlex.quote(_POLICY_RC_D)} > {POLICY_RC_D} && chmod 0755 {POLICY_RC_D}; fi"
     )
 
 
