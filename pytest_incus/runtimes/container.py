@@ -23,6 +23,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,21 @@ STOP_GRACE = 5  # seconds (liblxc takes an int)
 # ones a user namespace may set
 UNPRIVILEGED_OVERLAY_OPTIONS = "userxattr"
 
-CGROUPS_RECORD = "cgroups.json"
-RESOLV_CONF = "resolv.conf"  # a networked container's /etc/resolv.conf, bound in  # where the container's cgroups may be, written before start
+CGROUPS_RECORD = "cgroups.json"  # where the container's cgroups may be, written before start
+RESOLV_CONF = "resolv.conf"  # a networked container's /etc/resolv.conf, bound in
 
 _HALT_SIGNALS = {"systemd": "SIGRTMIN+3", "busybox": "SIGUSR2"}
+
+
+@dataclass(frozen=True)
+class HostNetwork:
+    """The network of a container that shares the host's network namespace (liblxc's
+    ``lxc.net.0.type = none``): the host's interfaces, routes and resolver. Only for image
+    builds (runtimes/build.py), which reach the package mirrors; test instances never get it.
+    ``resolv_conf`` is the host's ``/etc/resolv.conf``, bound read-only over the image's
+    while the container runs, so that the image's own file is what stays in it."""
+
+    resolv_conf: str
 
 
 def _lxc() -> Any:
@@ -138,14 +150,14 @@ def write_config(
     hook: Path,
     staged: Sequence[mounts.StagedMount],
     extra: Sequence[str] = (),
-    network: NetworkAttachment | None = None,
+    network: NetworkAttachment | HostNetwork | None = None,
 ) -> None:
     """Write the LXC config file of container ``name`` in ``directory``, and make its overlay
     directories: the one config writer, used by ``Container`` and by the launch benchmark's
     raw liblxc column, so that the two cannot drift apart. ``hook`` is the rootfs check,
     ``staged`` the host paths the host mounts at each start (runtimes/mounts.py), ``extra``
     lines of kinds built on containers (apps), ``network`` its place on a host-only network
-    (see ``network_config``)."""
+    or the host's own network for builds (see ``network_config``)."""
     d = directory
     for sub in ("upper", "work"):
         (d / sub).mkdir(exist_ok=True)
@@ -214,17 +226,22 @@ def write_config(
     fsutil.write_atomic(d / "config", "\n".join(lines) + "\n")
 
 
-def network_config(network: NetworkAttachment | None, directory: Path) -> list[str]:
-    """The LXC config lines of a container's network: none (loopback only), or a veth pair
+def network_config(network: NetworkAttachment | HostNetwork | None, directory: Path) -> list[str]:
+    """The LXC config lines of a container's network: none (loopback only); a veth pair
     whose host side joins the network's bridge, with the instance's MAC and static address,
-    no gateway (so no default route), and ``/etc/resolv.conf`` naming the network's DNS
-    server, bound read-only from ``directory/resolv.conf`` as container engines do (the
+    no gateway (so no default route); or, for image builds only, the host's own network
+    namespace (``HostNetwork``). A networked container gets ``/etc/resolv.conf`` naming its
+    DNS server, bound read-only from ``directory/resolv.conf`` as container engines do (the
     image's own file, or a symlink to a resolver it does not run, would name servers the
-    instance cannot reach)."""
+    instance cannot reach; and a bind leaves the image's file as it was)."""
     if network is None:
         return ["lxc.net.0.type = empty"]
     resolv = directory / RESOLV_CONF
     fsutil.write_atomic(resolv, network.resolv_conf)
+    bind = f"lxc.mount.entry = {resolv} etc/resolv.conf none bind,ro,create=file 0 0"
+    if isinstance(network, HostNetwork):
+        # no network namespace of its own: nothing to configure, nothing routed or NATed
+        return ["lxc.net.0.type = none", bind]
     interface = ipaddress.IPv4Network(f"{network.address}/{network.prefix}", strict=False)
     return [
         "lxc.net.0.type = veth",
@@ -235,7 +252,7 @@ def network_config(network: NetworkAttachment | None, directory: Path) -> list[s
         # with its broadcast address: liblxc would make a wrong one of a bare prefix
         f"lxc.net.0.ipv4.address = {network.address}/{network.prefix} {interface.broadcast_address}",
         "lxc.net.0.flags = up",
-        f"lxc.mount.entry = {resolv} etc/resolv.conf none bind,ro,create=file 0 0",
+        bind,
     ]
 
 
@@ -342,7 +359,7 @@ class Container:
         directory: Path,
         image: Image,
         hook: Path,
-        network: NetworkAttachment | None = None,
+        network: NetworkAttachment | HostNetwork | None = None,
     ) -> None:
         self.spec = spec
         self.name = name
@@ -355,9 +372,8 @@ class Container:
         with lxc_errors(f"container {name}: reading its config", InstanceStartError):
             self._c = lxc.Container(name, str(directory.parent))
             got = self._c.get_config_item("lxc.rootfs.path")
-        # busybox init collects orphans only once a second: the exec server does it
         self._server = ExecServer(
-            self._c, name, lxc.LXC_ATTACH_CLEAR_ENV, reap_orphans=image.init == "busybox"
+            self._c, name, lxc.LXC_ATTACH_CLEAR_ENV, reap_orphans=self._reap_orphans()
         )
         expected = f"overlay:{image.rootfs}:{directory / 'upper'}"
         if got not in (expected, expected.removeprefix("overlay:")):
@@ -386,8 +402,13 @@ class Container:
         )
 
     def _extra_config(self) -> list[str]:
-        """More LXC config lines, for kinds built on this one (apps)."""
+        """More LXC config lines, for kinds built on this one (apps, build containers)."""
         return []
+
+    def _reap_orphans(self) -> bool:
+        """Whether the exec server collects the orphans of commands itself: for an init that
+        collects them late (busybox init: only once a second)."""
+        return self.image.init == "busybox"
 
     # -- life cycle ----------------------------------------------------------------------
 
