@@ -16,7 +16,7 @@ from pytest_incus.images import vm as vm_images
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.runtimes import RUNTIMES, accel, get_runtime
 from pytest_incus.runtimes.container import unprivileged_unavailable
-from pytest_incus.settings import DEFAULT_MIRROR, Settings, default_cache_dir
+from pytest_incus.settings import DEFAULT_IMAGE_SERVER, DEFAULT_MIRROR, Settings, default_cache_dir
 
 DOCTOR_DEADLINE = 30.0
 
@@ -25,6 +25,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(
         cache_dir=Path(args.cache_dir).absolute(),
         mirror=args.mirror,
+        image_server=args.image_server,
         insecure_registries=frozenset(args.insecure_registry),
         subnet=args.subnet,
     )
@@ -171,7 +172,7 @@ def cmd_images(args: argparse.Namespace) -> int:
             made_from = ""
             if image.base:
                 what = {"vm": "VM disk made", "vm-boot": "saved boot of the VM"}.get(
-                    image.kind, "uid-shifted copy"
+                    image.kind, "uid-shifted copy" if ".shift" in image.key else "derived"
                 )
                 made_from = f" ({what} from {image.base})"
             created = time.strftime("%Y-%m-%d %H:%M", time.localtime(image.created))
@@ -179,13 +180,24 @@ def cmd_images(args: argparse.Namespace) -> int:
                 f"{image.ref:24} {image.kind:10} {_human(image.size):>9}  {created}  "
                 f"{image.path}{made_from}"
             )
+        downloads = [p for p in store.downloads() if not p.name.startswith(".")]
+        if downloads:
+            size = sum(p.stat().st_size for p in downloads)
+            print(
+                f"{'(downloads)':24} {'files':10} {_human(size):>9}  {len(downloads)} files "
+                f"of images: entries in {downloads[0].parent}"
+            )
         return 0
     if args.action == "build":
         if not args.images:
             print("pytest-incus images build: name at least one image", file=sys.stderr)
             return 2
+        packages = [p for p in args.packages.split(",") if p.strip()]
         for name in args.images:
-            image = store.get(name, args.kind)
+            if packages:
+                image = store.derive(name, packages=packages, kind=args.kind)
+            else:
+                image = store.get(name, args.kind)
             kernel = f", kernel {image.kernel_release}" if image.kernel_release else ""
             print(f"{image.ref} ({image.kind}): {image.path} ({_human(image.size)}{kernel})")
         return 0
@@ -262,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--mirror", default=DEFAULT_MIRROR, help="Debian mirror for builds")
     parser.add_argument(
+        "--image-server",
+        default=DEFAULT_IMAGE_SERVER,
+        help="simplestreams server of images:<distro>/<release> names (default %(default)s)",
+    )
+    parser.add_argument(
         "--subnet",
         default=None,
         metavar="NET/PREFIX",
@@ -285,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("container", "vm", "app"),
         default="container",
         help="build: the kind of instance the image is for (default container)",
+    )
+    images.add_argument(
+        "--packages",
+        default="",
+        metavar="PKG[,PKG...]",
+        help="build: a derived image with these packages installed (comma-separated); "
+        "prints its ref, which works as image=",
     )
     images.set_defaults(func=cmd_images)
     sub.add_parser("ls", help="instances that still exist").set_defaults(func=cmd_ls)

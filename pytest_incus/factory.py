@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 from collections.abc import Callable, Iterator
@@ -75,6 +76,11 @@ class InstanceFactory:
         reason = runtime.unavailable()
         if reason:
             raise UnavailableError(f"cannot launch kind={spec.kind!r} here: {reason}")
+        # what the runtime makes: the user's spec, on the derived image its packages need
+        made = spec
+        if spec.packages:
+            derived = self.images.derive(spec.image, packages=spec.packages, kind=spec.kind)
+            made = dataclasses.replace(spec, image=derived.ref, packages=())
         name = spec.name or f"pti-{secrets.token_hex(4)}"
         directory = self.settings.instances_dir / name
         self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
@@ -92,13 +98,13 @@ class InstanceFactory:
             raise
         machine = None
         try:
-            registry.write_record(directory, kind=spec.kind, image=spec.image, owner=self._owner)
+            registry.write_record(directory, kind=spec.kind, image=made.image, owner=self._owner)
             attachment = None
             if spec.network and spec.network != "none":
                 attachment = network.attach(
                     self.settings, spec.network, name, directory, self._owner
                 )
-            machine = runtime.create(spec, name, directory, self.images, attachment)
+            machine = runtime.create(made, name, directory, self.images, attachment)
             instance = Instance(
                 machine,
                 spec,

@@ -20,6 +20,7 @@ from pytest_incus.settings import (
     ACCEL_CHOICES,
     DEFAULT_EXEC_TIMEOUT,
     DEFAULT_IMAGE,
+    DEFAULT_IMAGE_SERVER,
     DEFAULT_KIND,
     DEFAULT_MAX_PROCESSES,
     DEFAULT_MIRROR,
@@ -71,6 +72,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--incus-mirror",
         default=None,
         help=f"Debian mirror for debian/<release> images (default {DEFAULT_MIRROR})",
+    )
+    group.addoption(
+        "--incus-image-server",
+        default=None,
+        metavar="URL",
+        help="simplestreams image server of images:<distro>/<release> names "
+        f"(default {DEFAULT_IMAGE_SERVER}); for a server with a private CA, point "
+        "REQUESTS_CA_BUNDLE at the CA's certificate",
     )
     group.addoption(
         "--incus-subnet",
@@ -137,6 +146,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("incus_keep", "ini form of --incus-keep", default="never")
     parser.addini("incus_cache_dir", "ini form of --incus-cache-dir", default="")
     parser.addini("incus_mirror", "ini form of --incus-mirror", default=DEFAULT_MIRROR)
+    parser.addini(
+        "incus_image_server", "ini form of --incus-image-server", default=DEFAULT_IMAGE_SERVER
+    )
     parser.addini("incus_subnet", "ini form of --incus-subnet", default="")
     parser.addini("incus_accel", "ini form of --incus-accel", default="auto")
     parser.addini(
@@ -180,6 +192,7 @@ def _settings(config: pytest.Config) -> Settings:
     return Settings(
         cache_dir=Path(cache).expanduser().absolute() if cache else default_cache_dir(),
         mirror=option("incus_mirror", "incus_mirror"),
+        image_server=option("incus_image_server", "incus_image_server"),
         exec_timeout=timeout,
         max_processes=max_processes,
         default_image=config.getini("incus_default_image"),

@@ -11,6 +11,7 @@ from pytest_incus.errors import ConfigError
 from pytest_incus.spec import network_problem
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_IMAGE_SERVER = "https://images.linuxcontainers.org"  # the public Incus image server
 DEFAULT_IMAGE = "debian/12"
 DEFAULT_KIND = "container"
 DEFAULT_EXEC_TIMEOUT = 600.0
@@ -87,6 +88,7 @@ class Settings:
 
     cache_dir: Path
     mirror: str = DEFAULT_MIRROR
+    image_server: str = DEFAULT_IMAGE_SERVER  # of images:<distro>/<release> names
     exec_timeout: float = DEFAULT_EXEC_TIMEOUT
     max_processes: int = DEFAULT_MAX_PROCESSES  # per container or app (its `processes`)
     default_image: str = DEFAULT_IMAGE

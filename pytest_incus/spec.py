@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ _OPTIONS: dict[str, tuple[tuple[type, ...], tuple[str, ...], str]] = {
     "env": ((dict,), KINDS, "a dict of str to str"),
     "network": ((str,), KINDS, NETWORK_RULE),
     "mounts": ((dict,), ("container", "app"), "a dict of host path to instance path"),
+    "packages": ((list, tuple), ("container", "vm"), "a list of distro package names (str)"),
     "processes": ((int,), ("container", "app"), "a positive int"),
     "kernel": ((str, Path), ("vm",), "a path to a kernel image"),
     "initrd": ((str, Path), ("vm",), "a path to an initrd"),
@@ -93,6 +94,31 @@ def network_problem(value: object) -> str | None:
     return None
 
 
+def package_names(packages: object) -> tuple[str, ...]:
+    """``packages`` (the option, or ``image_store.derive``'s argument) as a sorted tuple of
+    names, each once; ConfigError for a str alone, an item that is no str, or a name that is
+    none (empty, with spaces, or starting with '-', which a package manager reads as an
+    option)."""
+    if isinstance(packages, str | bytes) or not isinstance(packages, Iterable):
+        raise ConfigError(
+            f"packages={packages!r}: give a list of package names, like packages=['nginx'] "
+            "(a str alone is not a list)"
+        )
+    names = tuple(packages)
+    for name in names:
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            problem = "not a str" if not isinstance(name, str) else "empty or with spaces"
+        elif name.startswith("-"):
+            problem = "starting with '-', which the package manager would read as an option"
+        else:
+            continue
+        raise ConfigError(
+            f"packages=: {name!r} is not a package name ({problem}); give one name per item, "
+            "like packages=['nginx', 'curl']"
+        )
+    return tuple(sorted(set(names)))
+
+
 def instance_id(kind: str, image: str) -> str:
     """The parametrization id of a kind/image pair: ``vm-debian-12``."""
     return f"{kind}-{image}".replace("/", "-").replace(":", "-")
@@ -110,6 +136,7 @@ class InstanceSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     network: str | None = None  # None: the run's default (with_defaults)
     mounts: Mapping[str, str] = field(default_factory=dict)
+    packages: tuple[str, ...] = ()  # installed into a derived image of `image`
     processes: int | None = None  # None: the run's default (with_defaults)
     kernel: str | None = None
     initrd: str | None = None
@@ -178,6 +205,11 @@ class InstanceSpec:
             if not values["command"] or not all(isinstance(a, str) for a in values["command"]):
                 raise bad(f"option command={values['command']!r} must be a non-empty list of str")
             values["command"] = tuple(values["command"])
+        if "packages" in values:
+            try:
+                values["packages"] = package_names(values["packages"])
+            except ConfigError as exc:
+                raise bad(f"option {exc}") from None
         if "boot_timeout" in values and values["boot_timeout"] <= 0:
             raise bad(f"option boot_timeout={values['boot_timeout']!r} must be positive")
         if "name" in values and not _NAME.fullmatch(values["name"]):

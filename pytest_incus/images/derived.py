@@ -26,10 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pytest_incus import fsutil
 from pytest_incus.errors import ConfigError, ImageError
 from pytest_incus.images import local
+from pytest_incus.images.ref import ImageRef
 from pytest_incus.images.rootfs import inside
+from pytest_incus.images.source import NOT_APP, Built, Context, Version, base_of
 from pytest_incus.settings import DEFAULT_MIRROR
+from pytest_incus.spec import package_names
 
 Progress = Callable[[str], None]
 
@@ -50,6 +54,7 @@ PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "ftp_proxy", "all_pr
 # A build-only directory inside the build container (scratch of the steps), removed by the
 # last step. /run: the one place every distro keeps for runtime state, never shipped data.
 SCRATCH = "/run/pytest-incus-build"
+BUILD_WORK = "rootfs.build"  # the builder's work directory, beside the staging rootfs
 POLICY_RC_D = "/usr/sbin/policy-rc.d"
 POLICY_RC_D_SAVED = POLICY_RC_D + ".pytest-incus-saved"
 
@@ -70,16 +75,6 @@ def _strings(value: object, option: str, what: str) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise ConfigError(f"{option}=: {item!r} is not a str; give a list of {what}")
     return items
-
-
-def _package(name: str) -> str:
-    if not name or any(c.isspace() for c in name) or name.startswith("-"):
-        raise ConfigError(
-            f"packages=: {name!r} is not a package name (empty, with spaces, or starting "
-            "with '-', which the package manager would read as an option); give one name "
-            "per item, like packages=['nginx', 'curl']"
-        )
-    return name
 
 
 def _file_path(path: object) -> str:
@@ -126,7 +121,7 @@ class Recipe:
         """The recipe of the ``packages``, ``run`` and ``files`` options; ConfigError for a
         wrong type, a package name that is none (spaces, a leading '-'), a relative path or
         two spellings of one path in ``files``."""
-        names = sorted({_package(name) for name in _strings(packages, "packages", "names")})
+        names = package_names(packages)
         commands = _strings(run, "run", "shell commands")
         for command in commands:
             if not command.strip():
@@ -143,10 +138,18 @@ class Recipe:
             if normal in written:
                 raise ConfigError(f"files=: {path!r} names {normal!r} again; give it once")
             written[normal] = _file_data(path, data)
-        return cls(tuple(names), commands, tuple(sorted(written.items())))
+        return cls(names, commands, tuple(sorted(written.items())))
 
     def __bool__(self) -> bool:
         return bool(self.packages or self.run or self.files)
+
+    def describe(self) -> str:
+        """One line for progress: ``packages nginx, curl; 2 commands; 1 file``."""
+        parts = [f"packages {', '.join(self.packages)}"] if self.packages else []
+        for items, what in ((self.run, "command"), (self.files, "file")):
+            if items:
+                parts.append(f"{len(items)} {what}{'s' if len(items) > 1 else ''}")
+        return "; ".join(parts) or "nothing"
 
     def to_json(self) -> dict[str, Any]:
         """The recipe as JSON values (file contents in base64), for records and keys."""
@@ -450,6 +453,10 @@ class Builder(Protocol):
         and ``work`` removed."""
         ...
 
+    def reap(self, work: Path) -> None:
+        """Remove everything a build left in ``work`` (of a builder that was killed)."""
+        ...
+
 
 # -- the build -------------------------------------------------------------------------------
 
@@ -533,7 +540,7 @@ def build(
     # with one, run= commands get its environment: apt's DEBIAN_FRONTEND)
     manager = detect(base_rootfs) if recipe.packages else find(base_rootfs)
     steps = plan(manager, recipe, base_rootfs, mirror=mirror, environ=os.environ)
-    work = rootfs.with_name(rootfs.name + ".build")
+    work = rootfs.with_name(BUILD_WORK)
     builder.build(base_rootfs, init, steps, rootfs, work=work, progress=progress)
     for path, data in recipe.files:
         progress(f"derived image: writing {path}")
@@ -541,3 +548,99 @@ def build(
             write_file(rootfs, path, data)
         except OSError as exc:
             raise ImageError(f"files=: cannot write {path} into the image: {exc}", exc=exc) from exc
+
+
+# -- the source ----------------------------------------------------------------------------
+
+PREFIX = "derived:"
+_NAME = re.compile(r"derived:([0-9a-f]{16}):(.+)")
+RECIPES = "recipes"  # below the cache directory: <digest>.json, the recipe a name's digest means
+
+
+def recipe_path(cache_dir: Path, digest: str) -> Path:
+    """Where the recipe of a derived image name is kept (written by ``ImageStore.derive``)."""
+    return cache_dir / RECIPES / f"{digest}.json"
+
+
+def name(base: str, recipe: Recipe) -> str:
+    """The image name of ``recipe`` on the image named ``base``: ``derived:<digest>:<base>``."""
+    return f"{PREFIX}{recipe.digest()[:16]}:{base}"
+
+
+def save_recipe(cache_dir: Path, recipe: Recipe) -> None:
+    """Keep ``recipe`` where a later run (another worker) finds it by its name's digest."""
+    path = recipe_path(cache_dir, recipe.digest()[:16])
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fsutil.write_atomic(path, json.dumps(recipe.to_json()))
+
+
+class DerivedSource:
+    """``derived:<digest>:<base>``, the names ``ImageStore.derive`` gives: ``base`` with the
+    recipe of ``digest`` applied. An entry is keyed by the base entry's content (its
+    fingerprint, digest or build) and the recipe, so a rebuilt or updated base gets a new
+    derived entry, built once from it."""
+
+    name = "derived"
+
+    def parse(self, image: str) -> ImageRef | None:
+        """A ``derived:`` name; its base is checked when it is resolved."""
+        if not image.startswith(PREFIX):
+            return None
+        match = _NAME.fullmatch(image)
+        if match is None:
+            raise ConfigError(
+                f"image {image!r}: a derived image's name is derived:<16 hex digits>:<base "
+                "image>, as image_store.derive() returns it in Image.ref"
+            )
+        key = "derived-" + hashlib.sha256(image.encode()).hexdigest()[:16]
+        return ImageRef(image, self.name, key)
+
+    def _parts(self, ref: ImageRef, context: Context) -> tuple[ImageRef, Recipe]:
+        match = _NAME.fullmatch(ref.name)
+        assert match is not None
+        digest, base = match.groups()
+        data = fsutil.read_json(recipe_path(context.settings.cache_dir, digest))
+        if data is None:
+            raise ImageError(
+                f"image {ref.name!r}: its recipe is not in the cache "
+                f"({recipe_path(context.settings.cache_dir, digest)}; pruned?); derive it "
+                "again with image_store.derive() or the packages= option"
+            )
+        return context.store.check(base), Recipe.from_json(data)
+
+    def problem(self, ref: ImageRef, form: str, context: Context) -> str | None:
+        """What the base can be made into, but no apps (an OCI image is not derived)."""
+        if form == "app":
+            return NOT_APP
+        match = _NAME.fullmatch(ref.name)
+        assert match is not None
+        return context.store.problem(context.store.check(match[2]), form)
+
+    def resolve(self, ref: ImageRef, form: str, context: Context) -> Version:
+        """The base's entry in ``form`` (built if needed), and the key it gives the result."""
+        base_ref, recipe = self._parts(ref, context)
+        base = context.store.form(base_ref, form)
+        digest = hashlib.sha256(f"{base_of(base)}\0{recipe.digest()}".encode()).hexdigest()
+        key = f"derived-{digest[:16]}" + (".vmroot" if form == "vm-rootfs" else "")
+        return Version(
+            key,
+            recipe=BUILD_RECIPE,
+            base=base.key,
+            not_older_than=base.created,
+            detail=(base, recipe),
+        )
+
+    def build(self, ref: ImageRef, version: Version, rootfs: Path, context: Context) -> Built:
+        """Run the recipe on the base in a build container with the host's network."""
+        base, recipe = version.detail
+        context.progress(f"deriving {ref.name} from {base.ref}: {recipe.describe()}")
+        build(
+            base.rootfs,
+            rootfs,
+            recipe,
+            mirror=context.settings.mirror,
+            progress=context.progress,
+            builder=context.builder(),
+        )
+        return Built(base.init, kernel_release=base.kernel_release)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import fcntl
 import hashlib
 import json
 import logging
@@ -45,11 +46,14 @@ import requests
 import yaml
 
 from pytest_incus import tools
-from pytest_incus.errors import ImageError
+from pytest_incus.errors import ConfigError, ImageError
+from pytest_incus.images.local import detect_init
+from pytest_incus.images.ref import ImageRef
+from pytest_incus.images.source import NOT_APP, Built, Context, Version
+from pytest_incus.settings import DEFAULT_IMAGE_SERVER
 
 log = logging.getLogger("pytest_incus")
 
-DEFAULT_SERVER = "https://images.linuxcontainers.org"
 INDEX_PATH = "streams/v1/index.json"
 
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection
@@ -214,7 +218,7 @@ def _get_json(session: requests.Session, server: str, path: str) -> Any:
 def _not_simplestreams(server: str, why: str) -> ImageError:
     return ImageError(
         f"image server {server}: its index is not a simplestreams index: {why}; "
-        f"--incus-image-server must name a simplestreams server (as {DEFAULT_SERVER})"
+        f"--incus-image-server must name a simplestreams server (as {DEFAULT_IMAGE_SERVER})"
     )
 
 
@@ -584,3 +588,116 @@ def read_metadata(metadata_file: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ImageError(f"image metadata {metadata_file}: metadata.yaml is not a mapping")
     return data
+
+
+PREFIX = "images:"
+DOWNLOADS = "downloads"  # below the cache directory: verified files, named by their sha256
+
+
+def downloads_dir(cache_dir: Path) -> Path:
+    """Where downloaded image files are kept (see :func:`download`)."""
+    return cache_dir / DOWNLOADS
+
+
+@contextlib.contextmanager
+def downloads_lock(cache_dir: Path, *, exclusive: bool) -> Iterator[None]:
+    """Held shared by builders from download to unpack (builds of different images run side
+    by side), and exclusive by the prune that removes files no entry needs: so it never
+    removes a file a build is about to unpack. (filelock has no shared mode.)"""
+    directory = downloads_dir(cache_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def prune_downloads(cache_dir: Path, needed: set[str], *, partial: bool) -> list[Path]:
+    """Remove the downloaded files whose sha256 is not ``needed``, and with ``partial`` the
+    partial ones too (kept otherwise, to be resumed). Returns what it removed."""
+    directory = downloads_dir(cache_dir)
+    if not directory.is_dir():
+        return []
+    removed = []
+    with downloads_lock(cache_dir, exclusive=True):
+        for path in sorted(directory.iterdir()):
+            if path.name == ".lock" or path.name in needed:
+                continue
+            if path.name.endswith(".part") and not partial:
+                continue
+            log.info("removing the download %s, which no cached image needs", path)
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+class SimplestreamsSource:
+    """``images:<distro>/<release>[/<variant>]``: from the simplestreams server of
+    ``--incus-image-server``, keyed by the image's fingerprint, so that a new version on the
+    server is a new entry. When the server cannot be reached, the newest cached entry of the
+    name is used, with a warning."""
+
+    name = "simplestreams"
+
+    def parse(self, image: str) -> ImageRef | None:
+        """``images:`` and an alias of two or three parts."""
+        if not image.startswith(PREFIX):
+            return None
+        parts = image[len(PREFIX) :].split("/")
+        if not 2 <= len(parts) <= 3 or not all(parts):
+            raise ConfigError(
+                f"image {image!r}: write images:<distro>/<release>[/<variant>], "
+                "such as images:debian/12 or images:alpine/3.20/cloud"
+            )
+        return ImageRef(image, self.name, "images-" + "-".join(parts).lower())
+
+    def problem(self, ref: ImageRef, form: str, context: Context) -> str | None:
+        """System containers only, for now."""
+        if form == "vm-rootfs":
+            return (
+                "a VM of an images: image is not supported yet; use kind='container', or "
+                "image='debian/<release>' for a VM"
+            )
+        return NOT_APP if form == "app" else None
+
+    def resolve(self, ref: ImageRef, form: str, context: Context) -> Version:
+        """Ask the server for the alias's newest version; its fingerprint keys the entry."""
+        server = context.settings.image_server
+        try:
+            remote = lookup(server, ref.name[len(PREFIX) :])
+        except ServerUnreachable as exc:
+            cached = [e for e in context.store.list() if e.ref == ref.name and e.kind == form]
+            if not cached:
+                raise ImageError(
+                    f"image {ref.name!r}: {exc}; and no version of it is cached, so there is "
+                    "nothing to fall back to: check --incus-image-server and the network"
+                ) from exc
+            newest = max(cached, key=lambda e: e.created)
+            message = (
+                f"image {ref.name!r}: {exc}; using the newest cached version "
+                f"(fingerprint {newest.fingerprint}, cached {time.ctime(newest.created)})"
+            )
+            log.warning("%s", message)
+            context.progress(f"warning: {message}")
+            return Version(newest.key)
+        return Version("images-" + remote.fingerprint[:24], detail=remote)
+
+    def build(self, ref: ImageRef, version: Version, rootfs: Path, context: Context) -> Built:
+        """Download (or find downloaded) the files, verify them, unpack the root filesystem."""
+        remote: RemoteImage | None = version.detail
+        if remote is None:  # the cached entry found offline went while we waited for its lock
+            raise ImageError(
+                f"image {ref.name!r}: the server cannot be reached and its cached version was "
+                "removed meanwhile; retry when the server is reachable"
+            )
+        cache_dir = context.settings.cache_dir
+        with downloads_lock(cache_dir, exclusive=False):
+            _, rootfs_file = download(remote, downloads_dir(cache_dir), context.progress)
+            unpack(remote, rootfs_file, rootfs)
+        return Built(
+            detect_init(rootfs),
+            fingerprint=remote.fingerprint,
+            downloads=(remote.metadata.sha256, remote.rootfs.sha256),
+        )

@@ -18,7 +18,7 @@ Forms: a source makes entries of some of these forms, for the kinds of instance:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -26,6 +26,7 @@ from pytest_incus.images.ref import ImageRef
 from pytest_incus.settings import Settings
 
 if TYPE_CHECKING:
+    from pytest_incus.images.derived import Builder
     from pytest_incus.images.oci import AppConfig
     from pytest_incus.images.store import Image, ImageStore
 
@@ -79,13 +80,14 @@ class Version:
 @dataclass(frozen=True)
 class Context:
     """What sources may use: the run's settings, the user's progress lines, the store itself
-    (a derived image gets its base through it), and the plugins' build hook."""
+    (a derived image gets its base through it), the plugins' build hook, and what runs a
+    derived image's build (made when first needed)."""
 
     settings: Settings
     progress: Progress
     store: ImageStore
+    builder: Callable[[], Builder]
     build_hook: BuildHook | None = None
-    session: dict[str, Any] = field(default_factory=dict)  # per-store state of sources
 
 
 class ImageSource(Protocol):
@@ -126,3 +128,12 @@ def base_of(image: Image) -> str:
     if image.app is not None and image.app.digest:
         return image.app.digest
     return f"{image.key}@{image.created!r}"
+
+
+def container_builder(cache_dir: Path) -> Builder:
+    """The builder of derived images over liblxc (runtimes/build.py), for the store of
+    ``cache_dir`` when none is passed in."""
+    # imported when a build needs it: the runtimes import the image store, which imports this
+    from pytest_incus.runtimes.build import ContainerBuilder
+
+    return ContainerBuilder(cache_dir)

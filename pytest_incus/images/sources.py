@@ -7,17 +7,21 @@ from collections.abc import Sequence
 from pytest_incus.errors import ConfigError
 from pytest_incus.images.busybox import BusyboxSource
 from pytest_incus.images.debian import DebianSource
+from pytest_incus.images.derived import DerivedSource
 from pytest_incus.images.hook import HookSource
 from pytest_incus.images.local import LocalSource
 from pytest_incus.images.oci import OciSource
 from pytest_incus.images.ref import ImageRef
+from pytest_incus.images.simplestreams import SimplestreamsSource
 from pytest_incus.images.source import ImageSource
 
 # a plain name nobody else claims is a hook's: so the hook source comes last
 DEFAULT: tuple[ImageSource, ...] = (
     BusyboxSource(),
     DebianSource(),
+    SimplestreamsSource(),
     OciSource(),
+    DerivedSource(),
     LocalSource(),
     HookSource(),
 )

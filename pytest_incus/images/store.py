@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +36,18 @@ import filelock
 
 from pytest_incus import fsutil
 from pytest_incus.errors import ConfigError, ImageError
-from pytest_incus.images import oci, shift, sources, vm
+from pytest_incus.images import oci, shift, simplestreams, sources, vm
+from pytest_incus.images.derived import BUILD_WORK, Builder, Recipe, save_recipe
+from pytest_incus.images.derived import name as derived_name
 from pytest_incus.images.ref import ImageRef
-from pytest_incus.images.source import BuildHook, Built, Context, ImageSource, Progress
+from pytest_incus.images.source import (
+    BuildHook,
+    Built,
+    Context,
+    ImageSource,
+    Progress,
+    container_builder,
+)
 from pytest_incus.settings import Settings
 
 log = logging.getLogger("pytest_incus")
@@ -151,6 +160,7 @@ class ImageStore:
         hook_implemented: Callable[[], bool] | None = None,
         progress: Progress | None = None,
         image_sources: Sequence[ImageSource] = sources.DEFAULT,
+        builder: Builder | None = None,
     ) -> None:
         self.settings = settings
         self._hook_implemented = hook_implemented or (lambda: build_hook is not None)
@@ -158,11 +168,17 @@ class ImageStore:
         """Shows a line to the user (pytest's terminal writer under pytest)."""
         self._sources = tuple(image_sources)
         self._by_name = {source.name: source for source in self._sources}
-        self._context = Context(settings, self._show, self, build_hook)
+        self._builder = builder
+        self._context = Context(settings, self._show, self, self._get_builder, build_hook)
         self._seen: dict[object, Image] = {}  # resolved this session: (ref key, kind) -> entry
 
     def _show(self, message: str) -> None:
         self.progress(message)  # late-bound: callers may replace ``progress``
+
+    def _get_builder(self) -> Builder:
+        if self._builder is None:
+            self._builder = container_builder(self.settings.cache_dir)
+        return self._builder
 
     # -- public API ------------------------------------------------------------------------
 
@@ -207,6 +223,27 @@ class ImageStore:
         entry = self.form(ref, kind) if kind != "vm" else self._vm(ref, self.form(ref, "vm-rootfs"))
         self._seen[(ref.key, kind)] = entry
         return entry
+
+    def derive(
+        self,
+        image: str,
+        *,
+        packages: Iterable[str] = (),
+        run: Iterable[str] = (),
+        files: Mapping[str, bytes | str] | None = None,
+        kind: str = "container",
+    ) -> Image:
+        """The image derived from ``image``: ``packages`` installed by its own package
+        manager, then the ``run`` commands (each by ``/bin/sh -c``), then ``files`` (instance
+        path -> content) written; built once, in a build container that reaches the host's
+        network, and cached by (base image, recipe) like any other image. Its ``ref`` works
+        as ``image=`` (for the same ``kind``; a VM's is made from the base's VM root
+        filesystem). ImageError with the package manager's output when a package does not
+        exist or a command fails."""
+        recipe = Recipe.make(packages, run, files)
+        self.check(image, kind)  # the base: a name that can work for this kind
+        save_recipe(self.settings.cache_dir, recipe)
+        return self.get(derived_name(image, recipe), kind)
 
     def form(self, ref: ImageRef, form: str) -> Image:
         """The entry of ``ref`` in ``form`` (see images/source.py): resolved by its source
@@ -307,7 +344,7 @@ class ImageStore:
         """Remove every entry, or those of ``image``; entries whose key is ``in_use`` stay.
 
         An OCI image's blobs go from the shared layout with its entry, but for those that
-        images still cached share. Pruning everything also removes incomplete entries and
+        images still cached share; downloaded files (``images:``) go when no entry needs them. Pruning everything also removes incomplete entries and
         drops the images of the layout that no entry holds. Returns the removed entries.
         """
         ref = sources.parse_ref(image, self._sources) if image else None
@@ -334,6 +371,8 @@ class ImageStore:
             untag |= oci.layout_tags(self.settings.cache_dir) - cached
         if untag:
             oci.remove_from_layout(self.settings.cache_dir, untag)
+        needed = {sha for entry in self.list() for sha in entry.downloads}
+        simplestreams.prune_downloads(self.settings.cache_dir, needed, partial=ref is None)
         return removed
 
     def _remove_incomplete(self) -> None:
@@ -347,7 +386,7 @@ class ImageStore:
                 built_by = _STAGING.fullmatch(leftover.name)
                 if built_by and not os.path.exists(f"/proc/{built_by[1]}"):
                     log.info("removing the leftover of an interrupted build: %s", leftover)
-                    fsutil.remove_tree(leftover)
+                    self._remove_staging(leftover)
         images_dir = self.settings.images_dir
         if not images_dir.is_dir():
             return
@@ -358,6 +397,12 @@ class ImageStore:
                 if Image.load(path) is None:  # not completed meanwhile
                     log.info("removing the incomplete cache entry %s", path)
                     fsutil.remove_tree(path)
+
+    def downloads(self) -> builtins.list[Path]:
+        """The files of the download cache (``images:`` images' files, by sha256; partial
+        ones start with a dot)."""
+        directory = simplestreams.downloads_dir(self.settings.cache_dir)
+        return sorted(directory.iterdir()) if directory.is_dir() else []
 
     def builds(self) -> builtins.list[dict[str, object]]:
         """The record of every builder run: key, ref, pid, start and end time."""
@@ -404,6 +449,13 @@ class ImageStore:
             self._remove_stale_staging(key)
             return self._build_entry(key, make, ref=ref, kind=kind, base=base, recipe=recipe)
 
+    def _remove_staging(self, staging: Path) -> None:
+        """Remove the staging directory of a build that died, and first what its build
+        container left running (a derived image's: see images/derived.py)."""
+        if (staging / BUILD_WORK).exists():
+            self._get_builder().reap(staging / BUILD_WORK)
+        fsutil.remove_tree(staging)
+
     def _remove_stale_staging(self, key: str) -> None:
         staging = self.settings.staging_dir
         if staging.is_dir():
@@ -413,7 +465,7 @@ class ImageStore:
                 if not pattern.fullmatch(leftover.name):
                     continue
                 log.warning("removing the leftover of an interrupted build: %s", leftover)
-                fsutil.remove_tree(leftover)
+                self._remove_staging(leftover)
 
     def _build_entry(
         self,

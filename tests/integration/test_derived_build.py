@@ -6,7 +6,6 @@ as an ordinary test instance with no network, and the package runs there."""
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from integration_helpers import host_processes, lxc_monitors
+from integration_helpers import SCRATCH_ROOT, host_processes, lxc_monitors
 from leftover_helpers import mounts_naming
 
 from pytest_incus import InstanceFactory, fsutil
@@ -25,14 +24,15 @@ from pytest_incus.runtimes import cgroups
 from pytest_incus.runtimes.build import ContainerBuilder
 from pytest_incus.settings import Settings
 
-SCRATCH = Path("/var/cache/pti-dv")
+SCRATCH = SCRATCH_ROOT / "derived-builds"
 PACKAGE = "hello"  # 50 kB, one program, in every Debian release
 NAME = re.compile(r"starting the build container (\S+)")
 
 
 @pytest.fixture(scope="module")
-def settings_of_cache() -> Settings:
-    return Settings(cache_dir=Path(os.environ["PYTEST_INCUS_CACHE_DIR"]))
+def settings_of_cache(settings: Settings) -> Settings:
+    """The run's settings: its shared cache."""
+    return settings
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ class Build:
 
 
 def _scratch() -> Iterator[Build]:
-    SCRATCH.mkdir(mode=0o755, exist_ok=True)
+    SCRATCH.mkdir(mode=0o755, parents=True, exist_ok=True)
     SCRATCH.chmod(0o755)  # an unprivileged instance's root reaches the local image below
     staging = SCRATCH / f"derived-{secrets.token_hex(4)}"
     rootfs = staging / "rootfs"

@@ -35,11 +35,6 @@ from pytest_incus.errors import ImageError
 from pytest_incus.images import simplestreams
 from pytest_incus.images.simplestreams import RemoteImage, ServerUnreachable
 
-pytestmark = pytest.mark.skipif(
-    not Path("/usr/bin/incus-simplestreams").exists(),
-    reason="needs incus-simplestreams: apt-get install incus-extra (scripts/setup-host.sh)",
-)
-
 
 def _scratch(prefix: str) -> Path:
     SCRATCH_ROOT.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,17 @@ def test_images_build_list_prune(scratch_cache: Path) -> None:
     assert not (scratch_cache / "images" / "busybox").exists()
 
 
+def test_images_build_packages_makes_a_derived_image(settings: Settings) -> None:
+    built = run_cli(settings.cache_dir, "images", "build", "debian/12", "--packages", "hello")
+    assert built.returncode == 0, built.stderr
+    ref = built.stdout.split()[0]
+    assert ref.startswith("derived:") and ref.endswith(":debian/12")
+    image = ImageStore(settings).get(ref)
+    assert (image.rootfs / "usr/bin/hello").is_file()
+    listed = run_cli(settings.cache_dir, "images", "list").stdout.splitlines()
+    assert any(line.startswith(ref) and "(derived from debian-bookworm)" in line for line in listed)
+
+
 def test_images_list_shows_the_shared_cache(settings: Settings) -> None:
     assert run_cli(settings.cache_dir, "images", "build", "busybox").returncode == 0
     assert "busybox" in images(settings.cache_dir)
