@@ -28,3 +28,4 @@ bench: setup
 	$(PYTHON) bench/vm_launch.py
 	$(PYTHON) bench/app_launch.py
 	$(PYTHON) bench/net_launch.py
+	$(PYTHON) bench/image_launch.py

@@ -9,10 +9,17 @@ Layout below the cache directory::
                                 and device state and its disk overlay (runtimes/snapshot.py)
     images/oci-<digest>/rootfs/ an OCI image unpacked by umoci, keyed by its manifest digest
                                 (blobs live once in the shared layout: see images/oci.py)
+    images/images-<fp>/rootfs/  an ``images:`` image, keyed by its fingerprint (its files stay
+                                in downloads/<sha256>: see images/simplestreams.py)
+    images/derived-<d>/rootfs/  a derived image, keyed by its base's content and its recipe
+                                (recipes/<digest>.json: what a derived:<digest>:... name means)
     images/<key>/image.json     its record; written last, so it is the completion stamp
     images/<key>.lock           held while the entry is checked, built or removed
     images/builds.jsonl         one line per builder run, appended under the entry's lock
     staging/<key>.<pid>.<n>/    builds in progress; renamed to images/<key> when complete
+
+Which source makes an entry, and how a name resolves to its key, is the sources' business
+(images/source.py, one module per source); the store keys, locks, stages and records.
 
 A build killed midway leaves only a staging directory, which the next builder of that key
 (holding the lock, so nobody else is building it) removes. An entry whose record is missing or

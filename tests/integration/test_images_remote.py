@@ -147,3 +147,17 @@ def test_prune_removes_the_downloads_no_entry_needs(tree: Path, scratch_cache: P
     assert left == set(other.downloads)
     store.prune()
     assert {p.name for p in downloads.iterdir()} - {".lock"} == set()
+
+
+def test_https_with_a_private_ca_named_by_requests_ca_bundle(
+    tree: Path, scratch_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with ImageServer(tree, tls=True) as server:
+        assert server.ca_file is not None
+        monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+        with pytest.raises(ImageError, match="certificate"):
+            _store(scratch_cache, server.url).get(NAME)  # not trusted: no fallback either
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(server.ca_file))
+        entry = _store(scratch_cache, server.url).get(NAME)
+    assert (entry.rootfs / "etc/pti-version").read_text() == "first\n"
