@@ -165,15 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{'PASS' if ok else 'FAIL'}  {column} launch {ratio:.2f}x of {BASE} "
             f"(target at most {RATIO_MAX}x)"
         )
-    for failure in bench.failures:
-        failed = True
-        print(f"FAIL  a plugin launch failed: {failure}")
-    left = bench.leftovers()
-    if left:
-        failed = True
-        print("FAIL  leftovers after the run:\n  " + "\n  ".join(left))
-    else:
-        print(f"PASS  nothing left behind by the {len(bench.names)} instances")
+    failed = bench.report_failures_and_leftovers() or failed
     return 1 if failed else 0
 
 

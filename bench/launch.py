@@ -382,6 +382,18 @@ class Bench:
             found += [f"{name}: {what}" for what in registry.leftovers(self.settings, name)]
         return found
 
+    def report_failures_and_leftovers(self) -> bool:
+        """Print a FAIL line per failed launch and for what the instances left behind (else
+        a PASS line); True if there was any."""
+        for failure in self.failures:
+            print(f"FAIL  a plugin launch failed: {failure}")
+        left = self.leftovers()
+        if left:
+            print("FAIL  leftovers after the run:\n  " + "\n  ".join(left))
+        else:
+            print(f"PASS  nothing left behind by the {len(self.names)} instances of this run")
+        return bool(self.failures or left)
+
     def close(self) -> None:
         """Delete whatever plugin instance is still alive (after an error)."""
         self.factory.close()
@@ -633,15 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{label}  {verdict.text}")
             if verdict.ok is False and (verdict.ratio or args.strict):
                 failed = True
-    for failure in bench.failures:
-        failed = True
-        print(f"FAIL  a plugin launch failed: {failure}")
-    left = bench.leftovers()
-    if left:
-        failed = True
-        print("FAIL  leftovers after the run:\n  " + "\n  ".join(left))
-    else:
-        print(f"PASS  nothing left behind by the {len(bench.names)} instances of this run")
+    failed = bench.report_failures_and_leftovers() or failed
     return 1 if failed else 0
 
 

@@ -94,28 +94,33 @@ def network_problem(value: object) -> str | None:
     return None
 
 
+def strings(value: object, option: str, what: str) -> tuple[str, ...]:
+    """``value`` as a tuple of str; ConfigError for a str alone (one item each, not one
+    string: a common slip) or anything else. ``option`` and ``what`` name it in the message."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ConfigError(
+            f"{option}={value!r}: give a list of {what}, like {option}=[...] (a str alone is "
+            "not a list)"
+        )
+    items = tuple(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{option}=: {item!r} is not a str; give a list of {what}")
+    return items
+
+
 def package_names(packages: object) -> tuple[str, ...]:
     """``packages`` (the option, or ``image_store.derive``'s argument) as a sorted tuple of
-    names, each once; ConfigError for a str alone, an item that is no str, or a name that is
-    none (empty, with spaces, or starting with '-', which a package manager reads as an
-    option)."""
-    if isinstance(packages, str | bytes) or not isinstance(packages, Iterable):
-        raise ConfigError(
-            f"packages={packages!r}: give a list of package names, like packages=['nginx'] "
-            "(a str alone is not a list)"
-        )
-    names = tuple(packages)
+    names, each once; ConfigError for what :func:`strings` refuses, or a name that is none
+    (empty, with spaces, or starting with '-', which a package manager reads as an option)."""
+    names = strings(packages, "packages", "package names")
     for name in names:
-        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
-            problem = "not a str" if not isinstance(name, str) else "empty or with spaces"
-        elif name.startswith("-"):
-            problem = "starting with '-', which the package manager would read as an option"
-        else:
-            continue
-        raise ConfigError(
-            f"packages=: {name!r} is not a package name ({problem}); give one name per item, "
-            "like packages=['nginx', 'curl']"
-        )
+        if not name or any(c.isspace() for c in name) or name.startswith("-"):
+            raise ConfigError(
+                f"packages=: {name!r} is not a package name (empty, with spaces, or starting "
+                "with '-', which the package manager would read as an option); give one name "
+                "per item, like packages=['nginx', 'curl']"
+            )
     return tuple(sorted(set(names)))
 
 

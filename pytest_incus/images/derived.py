@@ -33,7 +33,7 @@ from pytest_incus.images.ref import ImageRef
 from pytest_incus.images.rootfs import inside
 from pytest_incus.images.source import NOT_APP, Built, Context, Version, base_of
 from pytest_incus.settings import DEFAULT_MIRROR
-from pytest_incus.spec import package_names
+from pytest_incus.spec import package_names, strings
 
 Progress = Callable[[str], None]
 
@@ -60,21 +60,6 @@ POLICY_RC_D_SAVED = POLICY_RC_D + ".pytest-incus-saved"
 
 
 # -- the recipe ------------------------------------------------------------------------------
-
-
-def _strings(value: object, option: str, what: str) -> tuple[str, ...]:
-    """``value`` as a tuple of str; ConfigError for a bare str (one word each, not one
-    string: a common slip) or anything else."""
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise ConfigError(
-            f"{option}={value!r}: give a list of {what}, like {option}=[...] (a str alone is "
-            "not a list)"
-        )
-    items = tuple(value)
-    for item in items:
-        if not isinstance(item, str):
-            raise ConfigError(f"{option}=: {item!r} is not a str; give a list of {what}")
-    return items
 
 
 def _file_path(path: object) -> str:
@@ -122,7 +107,7 @@ class Recipe:
         wrong type, a package name that is none (spaces, a leading '-'), a relative path or
         two spellings of one path in ``files``."""
         names = package_names(packages)
-        commands = _strings(run, "run", "shell commands")
+        commands = strings(run, "run", "shell commands")
         for command in commands:
             if not command.strip():
                 raise ConfigError("run=: an empty command; give shell commands, each a str")

@@ -74,3 +74,13 @@ def test_network_benchmark_runs_to_the_end(settings: Settings) -> None:
         timeout=900,
     )
     assert "HTTP round trip" in out and 'vm init="systemd"' in out, out
+
+
+def test_image_benchmark_runs_to_the_end(settings: Settings) -> None:
+    out = _run(
+        "image_launch.py",
+        *("--launches", "1", "--cache-dir", str(settings.cache_dir)),
+        settings=settings,
+        timeout=600,
+    )
+    assert "images:debian/12/bench" in out and "index requests" in out, out

@@ -36,7 +36,7 @@ def test_make_sorts_packages_keeps_run_order_and_sorts_files() -> None:
         ({"packages": ["ng inx"]}, "not a package name"),
         ({"packages": ["-y"]}, "starting with '-'"),
         ({"packages": [""]}, "not a package name"),
-        ({"packages": [3]}, "3 is not a package name (not a str)"),
+        ({"packages": [3]}, "3 is not a str"),
         ({"run": "make install"}, "a str alone is not a list"),
         ({"run": [["ls"]]}, "is not a str"),
         ({"run": ["  "]}, "an empty command"),
