@@ -3,7 +3,7 @@ cached ``debian/12`` launch.
 
 One command, one run (as root, from the repository root)::
 
-    python3 bench/image_launch.py            # 15 launches per column
+    python3 bench/image_launch.py            # 25 launches per column
     python3 bench/image_launch.py --quick    # a small N: a smoke test
 
 Three columns of container launch-to-ready (systemd running, as ``launch.py`` times it), in
@@ -95,7 +95,7 @@ def pack_tree(base: Image, tree: Path) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--launches", type=int, default=15, help="launches per column")
+    parser.add_argument("--launches", type=int, default=25, help="launches per column")
     parser.add_argument("--quick", action="store_true", help="3 launches per column")
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
