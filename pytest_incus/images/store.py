@@ -224,12 +224,12 @@ class ImageStore:
         umoci; its record carries the image config (``Image.app``).
         """
         ref = self.check(image, kind)
+        if kind != "vm":
+            return self.form(ref, kind)
         cached = self._seen.get((ref.key, kind))
-        if cached is not None and (cached.path / RECORD).exists():
-            return cached
-        entry = self.form(ref, kind) if kind != "vm" else self._vm(ref, self.form(ref, "vm-rootfs"))
-        self._seen[(ref.key, kind)] = entry
-        return entry
+        if cached is None or not (cached.path / RECORD).exists():
+            cached = self._seen[(ref.key, kind)] = self._vm(ref, self.form(ref, "vm-rootfs"))
+        return cached
 
     def derive(
         self,
@@ -254,10 +254,14 @@ class ImageStore:
 
     def form(self, ref: ImageRef, form: str) -> Image:
         """The entry of ``ref`` in ``form`` (see images/source.py): resolved by its source
-        now, and built if it is not cached."""
+        once per store (a session; also when it is a derived image's base), and built if it
+        is not cached."""
+        cached = self._seen.get((ref.key, form))
+        if cached is not None and (cached.path / RECORD).exists():
+            return cached
         source = self._by_name[ref.source]
         version = source.resolve(ref, form, self._context)
-        return self._ensure(
+        entry = self._ensure(
             version.key,
             lambda rootfs: source.build(ref, version, rootfs, self._context),
             ref=ref.name,
@@ -266,6 +270,8 @@ class ImageStore:
             not_older_than=version.not_older_than,
             recipe=version.recipe,
         )
+        self._seen[(ref.key, form)] = entry
+        return entry
 
     def _vm(self, ref: ImageRef, root: Image) -> Image:
         """The VM image made from the root filesystem entry ``root`` (see images/vm.py)."""

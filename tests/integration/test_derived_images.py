@@ -124,6 +124,10 @@ def test_a_derived_images_image(scratch_cache: Path) -> None:
                 assert instance.read_text("/x") == "y"
                 with pytest.raises(ImageError, match="package manager"):
                     factory.images.derive("images:ptios/1", packages=["hello"])
+                base = factory.launch(image="images:ptios/1")
+                assert not base.file("/etc/pti-built").exists
+                # the base's alias was resolved once, for the derived images and itself
+                assert len(server.gets("index.json")) == 1
             finally:
                 factory.close()
     finally:
