@@ -50,7 +50,7 @@ class Build:
 
     @property
     def work(self) -> Path:
-        return self.rootfs.with_name(derived.BUILD_WORK)
+        return self.rootfs.with_name(self.rootfs.name + ".build")
 
     def names(self) -> list[str]:
         """The build containers' names, from the progress lines."""
@@ -58,7 +58,7 @@ class Build:
 
     def run(self, base: Image, recipe: derived.Recipe, settings: Settings) -> None:
         derived.build(
-            base,
+            base.rootfs,
             self.rootfs,
             recipe,
             mirror=settings.mirror,
@@ -196,7 +196,8 @@ def test_a_step_past_its_deadline_is_killed_and_leaves_nothing(
     steps = [derived.Step("a step that hangs", "echo started; sleep 600", derived.BASE_ENV, 1.0)]
     with pytest.raises(ImageError, match="past its deadline of 1s") as caught:
         ContainerBuilder(settings_of_cache.cache_dir).build(
-            base,
+            base.rootfs,
+            base.init,
             steps,
             build.rootfs,
             work=build.work,
@@ -217,7 +218,7 @@ def test_an_interrupt_midway_leaves_nothing(
 
     with pytest.raises(KeyboardInterrupt):
         derived.build(
-            base,
+            base.rootfs,
             build.rootfs,
             derived.Recipe.make(run=["true", "true"]),
             mirror=settings_of_cache.mirror,
