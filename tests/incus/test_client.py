@@ -432,9 +432,9 @@ def test_https_with_a_trusted_certificate(trusted_conf: Path, https_url: str) ->
 
 
 def test_https_websocket_streams_exec(
-    trusted_conf: Path, https_url: str, busybox_container: str
+    incus_client: IncusClient, trusted_conf: Path, https_url: str, busybox_container: str
 ) -> None:
-    with IncusClient(https_url) as client:
+    with IncusClient(https_url, project=incus_client.project) as client:
         code, out = _exec_over_websockets(client, busybox_container, ["echo", "over TLS"])
     assert (code, out) == (0, b"over TLS\n")
 
