@@ -195,6 +195,8 @@ class IncusClient:
         try:
             self.request("GET", f"/1.0/projects/{self.project}", project=False)
         except ServerError as exc:
+            if exc.status == 403:
+                raise UnavailableError(self._restricted_message(), exc=exc) from exc
             if exc.status != 404:
                 raise
             raise UnavailableError(
@@ -204,6 +206,25 @@ class IncusClient:
                 exc=exc,
             ) from exc
         self._checked = True
+
+    def _certificate(self) -> str:
+        """The client certificate, for messages: its path and sha256 fingerprint."""
+        transport = self.transport
+        if not isinstance(transport, TLSTransport) or transport.cert is None:
+            return "(none)"
+        try:
+            fingerprint = cert_fingerprint(transport.cert.read_bytes())
+        except (OSError, ValueError) as exc:
+            fingerprint = f"unreadable: {exc}"
+        return f"{transport.cert} (sha256 {fingerprint})"
+
+    def _restricted_message(self) -> str:
+        return (
+            f"Incus server at {self.remote} trusts the client certificate "
+            f"{self._certificate()} only for other projects than {self.project!r}; allow it "
+            "there on the server (`incus config trust edit FINGERPRINT`: projects), or give "
+            "--incus-project of a project it may use"
+        )
 
     def _untrusted_message(self) -> str:
         transport = self.transport
@@ -217,16 +238,12 @@ class IncusClient:
                 f"Incus server at {self.remote} does not trust us: no client certificate "
                 f"was found; {where}"
             )
-        try:
-            fingerprint = cert_fingerprint(transport.cert.read_bytes())
-        except (OSError, ValueError) as exc:
-            fingerprint = f"unreadable: {exc}"
         return (
             f"Incus server at {self.remote} does not trust the client certificate "
-            f"{transport.cert} (sha256 {fingerprint}); trust it on the server with `incus "
-            f"config trust add-certificate {transport.cert.name}`, or make a token there with "
-            "`incus config trust add NAME` and add it here with `incus remote add NAME "
-            "TOKEN`"
+            f"{self._certificate()}; trust it on the server with `incus config trust "
+            f"add-certificate {transport.cert}`, or (for the incus command's own client.crt) "
+            "make a token there with `incus config trust add NAME` and use it here with "
+            "`incus remote add NAME TOKEN`"
         )
 
     def server(self) -> dict[str, Any]:
@@ -258,8 +275,9 @@ class IncusClient:
     ) -> requests.Response:
         """One request to ``path`` ("/1.0/..."), in our project unless ``project`` is False.
 
-        A non-2xx answer, or an answer of type "error", is ServerError carrying Incus's error
-        text and ``status``. With ``stream`` the body is left unread (close the response)."""
+        A non-2xx answer is ServerError carrying Incus's error text and ``status`` (call() and
+        start() also check the body's type). With ``stream`` the body is left unread (close
+        the response)."""
         query: dict[str, Any] = dict(params or {})
         if project:
             query.setdefault("project", self.project)

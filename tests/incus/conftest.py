@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from pytest_incus import fsutil
 from pytest_incus.errors import UnavailableError
 from pytest_incus.incus.client import IncusClient
 
 # the test suite's project on this machine's Incus, made by scripts/incus-setup.sh (its default
 # profile's root disk is on a btrfs pool of its own)
 TEST_PROJECT = "pytest-incus"
+# scratch files (certificates, incus configurations): not under /tmp, as in tests/conftest.py
+SCRATCH = Path("/var/cache/pytest-incus-tests")
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +37,12 @@ def incus_client() -> Iterator[IncusClient]:
         )
     yield client
     client.close()
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A scratch directory of this test's own (not under /tmp), removed afterwards."""
+    path = SCRATCH / f"pti-cl-{secrets.token_hex(4)}"
+    path.mkdir(parents=True)
+    yield path
+    fsutil.remove_tree(path)

@@ -22,13 +22,11 @@ from typing import Any
 import pytest
 import websocket
 
-from pytest_incus import fsutil
 from pytest_incus.errors import ServerError, UnavailableError, WaitTimeoutError
 from pytest_incus.incus.client import IncusClient
 from pytest_incus.incus.transport import TLSTransport, UnixAdapter, cert_fingerprint
 
 BUSYBOX = Path("/var/cache/pytest-incus/images/busybox/rootfs")
-SCRATCH = Path("/var/cache/pytest-incus-tests")
 HTTPS_ADDRESS = "127.0.0.1:8443"  # set only if the server listens nowhere yet
 
 
@@ -45,15 +43,6 @@ def _delete_instance(client: IncusClient, name: str) -> None:
     except ServerError as exc:
         if exc.status != 404:
             raise
-
-
-@pytest.fixture
-def scratch() -> Iterator[Path]:
-    """A scratch directory of this test (not under /tmp), removed afterwards."""
-    path = SCRATCH / _name()
-    path.mkdir(parents=True)
-    yield path
-    fsutil.remove_tree(path)
 
 
 # -- unix socket --------------------------------------------------------------------------
@@ -458,7 +447,34 @@ def test_https_untrusted_certificate_is_named(
     message = str(info.value)
     assert f"does not trust the client certificate {crt}" in message
     assert cert_fingerprint(crt.read_bytes()) in message
-    assert "incus config trust add-certificate" in message and "token" in message
+    assert f"incus config trust add-certificate {crt}`" in message and "token" in message
+
+
+def test_https_restricted_certificate_is_unavailable(
+    incus_client: IncusClient, incus_conf: Path, https_url: str
+) -> None:
+    """A certificate trusted only for other projects is told so, not "project missing"."""
+    crt = incus_conf / "client.crt"
+    fingerprint = cert_fingerprint(crt.read_bytes())
+    env = {k: v for k, v in os.environ.items() if k != "INCUS_CONF"}
+    subprocess.run(
+        [
+            *("incus", "config", "trust", "add-certificate", str(crt), "--name", _name()),
+            *("--restricted", "--projects", "default"),
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    try:
+        client = IncusClient(https_url, project=incus_client.project)
+        with client, pytest.raises(UnavailableError) as info:
+            client.check()
+        message = str(info.value)
+        assert f"{crt} (sha256 {fingerprint})" in message
+        assert f"only for other projects than {incus_client.project!r}" in message
+    finally:
+        incus_client.request("DELETE", f"/1.0/certificates/{fingerprint}", project=False)
 
 
 def test_https_unverifiable_server_certificate(
