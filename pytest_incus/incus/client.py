@@ -451,5 +451,6 @@ class IncusClient:
             except BaseException:
                 sock.close()
                 raise
+            self.transport.opened(sock)
             ws.settimeout(None)
         return ws

@@ -425,7 +425,11 @@ def test_https_websocket_streams_exec(
 ) -> None:
     with IncusClient(https_url, project=incus_client.project) as client:
         code, out = _exec_over_websockets(client, busybox_container, ["echo", "over TLS"])
-    assert (code, out) == (0, b"over TLS\n")
+        assert (code, out) == (0, b"over TLS\n")
+        # the websockets' TLS session is resumed by the next socket (no certificate exchange)
+        sock = client.transport.open_socket(5)
+        with sock:
+            assert isinstance(sock, ssl.SSLSocket) and sock.session_reused
 
 
 def test_https_missing_project_is_unavailable(trusted_conf: Path, https_url: str) -> None:
