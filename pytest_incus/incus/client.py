@@ -17,12 +17,10 @@ for every new reader thread.
 
 from __future__ import annotations
 
-import logging
 import ssl
-import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +30,6 @@ import websocket
 from ..errors import ServerError, UnavailableError, WaitTimeoutError
 from ..settings import Settings
 from .transport import TLSTransport, Transport, UnixTransport, cert_fingerprint, transport_for
-
-log = logging.getLogger("pytest_incus")
 
 # One /wait request waits at most this long on the server; longer waits loop, so a dead
 # connection is noticed and the caller's deadline is kept.
@@ -153,7 +149,7 @@ class IncusClient:
         session.headers["User-Agent"] = "pytest-incus"
         self.transport.mount(session)
         self.session = session
-        self._lock = threading.Lock()
+        # both only ever go from unset to set: threads racing here at worst ask twice
         self._server: dict[str, Any] | None = None
         self._checked = False
 
@@ -277,7 +273,7 @@ class IncusClient:
 
         A non-2xx answer is ServerError carrying Incus's error text and ``status`` (call() and
         start() also check the body's type). With ``stream`` the body is left unread (close
-        the response)."""
+        the response, and read it inside ``errors()``)."""
         query: dict[str, Any] = dict(params or {})
         if project:
             query.setdefault("project", self.project)
@@ -300,6 +296,12 @@ class IncusClient:
             finally:
                 response.close()
         return response
+
+    def errors(self, what: str) -> AbstractContextManager[None]:
+        """The translation of requests' errors for ``what`` (say "GET /1.0/.../files"), for
+        callers that read a ``stream=True`` body themselves: a connection that breaks while
+        they read is then our error too."""
+        return translated(self.transport, what)
 
     def _error(self, what: str, response: requests.Response) -> ServerError:
         status = response.status_code
@@ -360,7 +362,7 @@ class IncusClient:
         operation = body.get("metadata") or {}
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         done = self._wait(str(operation.get("id")), left, what)
-        if done.get("status") == "Running" or done.get("status_code") in (103, 105, 106):
+        if done.get("status") != "Success":  # _wait raised for failures: still running
             raise WaitTimeoutError(
                 f"Incus server at {self.remote}: {what} did not finish within {timeout:g} s "
                 f"(operation {done.get('id')}, {done.get('description')!r}, is still "

@@ -233,8 +233,27 @@ class TLSTransport(Transport):
         parts = urlsplit(self.url)
         self.host = parts.hostname or ""
         self.port = parts.port or DEFAULT_PORT
+        # read the certificate files now: a wrong one is a mistake in the options or the
+        # incus configuration, not a server that cannot be reached
         if self.server_cert is not None:
-            self.fingerprint = cert_fingerprint(self.server_cert.read_bytes())
+            try:
+                self.fingerprint = cert_fingerprint(self.server_cert.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"the server certificate {self.server_cert} pinned for {self.url} cannot be "
+                    f"read ({exc}); pin it again with `incus remote remove` and `incus remote "
+                    "add`",
+                    exc=exc,
+                ) from exc
+        try:
+            self._context = self._build_context()
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"the client certificate {self.cert} and key {self.key} for {self.url} cannot "
+                f"be loaded ({exc}); give a PEM certificate and its private key "
+                "(--incus-client-cert, --incus-client-key)",
+                exc=exc,
+            ) from exc
 
     @property
     def verify(self) -> bool | str:
@@ -253,20 +272,20 @@ class TLSTransport(Transport):
 
     def ssl_context(self) -> ssl.SSLContext:
         """The TLS context of websockets: the same client certificate and server check as the
-        session's (built once)."""
-        if self._context is None:
-            if self.fingerprint is not None:
-                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                context.check_hostname = False
-                context.verify_mode = (
-                    ssl.CERT_NONE
-                )  # the fingerprint is checked after the handshake
-            else:
-                context = ssl.create_default_context(cafile=self.verify_path())
-            if self.cert is not None and self.key is not None:
-                context.load_cert_chain(self.cert, self.key)
-            self._context = context
+        session's (built in ``__post_init__``, which so checks the certificate files)."""
+        assert self._context is not None
         return self._context
+
+    def _build_context(self) -> ssl.SSLContext:
+        if self.fingerprint is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE  # open_socket checks the fingerprint
+        else:
+            context = ssl.create_default_context(cafile=self.verify_path())
+        if self.cert is not None and self.key is not None:
+            context.load_cert_chain(self.cert, self.key)
+        return context
 
     def verify_path(self) -> str:
         """The CA bundle of CA verification."""
