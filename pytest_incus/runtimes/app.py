@@ -72,11 +72,10 @@ class AppRuntime(ContainerRuntime):
         spec: InstanceSpec,
         name: str,
         directory: Path,
-        images: ImageStore,
         network: NetworkAttachment | None,
     ) -> App:
         """Fetch (or find) the image and prepare the app's overlay and LXC config."""
-        lower, hook = self.prepare(spec, name, directory, images)
+        lower, hook = self.prepare(spec, name, directory, self.context.images)
         return App(spec, name, directory, lower, hook, network)
 
     def check_image(self, name: str, image: Image, lower: Image, images: ImageStore) -> None:

@@ -1,0 +1,1 @@
+"""The ``incus`` backend: instances on an Incus server or cluster, over its REST API."""
