@@ -23,7 +23,7 @@ test: lint
 	$(PYTHON) -m pytest tests -p no:cacheprovider -ra $(PYTEST_ARGS)
 
 bench: setup
-	bash bench/incus_setup.sh
+	bash scripts/incus-setup.sh
 	$(PYTHON) bench/launch.py
 	$(PYTHON) bench/vm_launch.py
 	$(PYTHON) bench/app_launch.py
