@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,6 +168,31 @@ def test_an_image_is_uploaded_once_and_found_by_later_runs(
     third = CountingClient()
     assert IncusImages(third, ImageStore(private.settings)).source(spec("busybox")) == source
     assert third.uploads() == 0 and len(packs) == 1
+
+
+def test_workers_that_start_together_upload_once(private: ImageStore) -> None:
+    # as xdist workers do: each its own store and client, one cache; the entry's lock decides
+    private.get("busybox")  # built before: the race is the upload's
+    clients = [CountingClient() for _ in range(3)]
+    results: list[Source] = []
+    errors: list[BaseException] = []
+
+    def launch(client: CountingClient) -> None:
+        try:
+            results.append(
+                IncusImages(client, ImageStore(private.settings)).source(spec("busybox"))
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=launch, args=(c,)) for c in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    assert len(results) == 3 and len({r.source["fingerprint"] for r in results}) == 1
+    assert sum(c.uploads() for c in clients) == 1
 
 
 def test_packing_is_deterministic(private: ImageStore) -> None:
