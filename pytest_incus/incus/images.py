@@ -448,7 +448,12 @@ class IncusImages:
     def _pack_and_upload(self, entry: Image, ref: ImageRef, packing: _Packing) -> str:
         """Pack ``entry`` into a tarball next to its memo, record the fingerprint, upload it
         if the server lacks it; the tarball is removed afterwards."""
-        tarball = self._incus_dir / f"{entry.key}.{packing.form}.{os.getpid()}.tar"
+        stem = f"{entry.key}.{packing.form}"
+        for leftover in self._incus_dir.glob(f"{stem}.*.tar"):  # of a packer that was killed
+            pid = leftover.name[len(stem) + 1 : -len(".tar")]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                leftover.unlink(missing_ok=True)
+        tarball = self._incus_dir / f"{stem}.{os.getpid()}.tar"
         started = time.monotonic()
         metadata = metadata_yaml(entry, ref, self._architecture())
         try:

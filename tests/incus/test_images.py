@@ -132,9 +132,15 @@ def read(client: IncusClient, name: str, path: str) -> bytes:
 def test_an_image_is_uploaded_once_and_found_by_later_runs(
     private: ImageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # what a packer killed midway left (its pid is no process's) goes with the next packing
+    leftover = private.settings.cache_dir / "incus" / "busybox.container.999999999.tar"
+    leftover.parent.mkdir()
+    leftover.write_bytes(b"partial")
     first = CountingClient()
     source = IncusImages(first, private).source(spec("busybox"))
     assert first.uploads() == 1
+    assert not leftover.exists()
+    assert [p.name for p in leftover.parent.glob("*.tar")] == []  # its own tarball too
     fingerprint = source.source["fingerprint"]
     assert source.source == {"type": "image", "fingerprint": fingerprint}
     assert source.shell == "/bin/sh" and source.config == {}
