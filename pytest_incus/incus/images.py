@@ -38,6 +38,9 @@ the program, which runs as that user, can write there):
   it as SIGTERM, and when it ends writes its exit status to :data:`APP_EXIT` (a number and a
   newline; a shell's 128+N for a program killed by signal N). The container stops when init
   ends. No :data:`APP_EXIT` after a stop means the program was killed with its container.
+  The program is a background job of that shell (so that init can forward signals while it
+  waits), and POSIX shells start background jobs with SIGINT and SIGQUIT ignored: an app on
+  this backend cannot be interrupted by those two (the local backend's init.lxc leaves them).
 - ``hook``: ``lxc.hook.start``, run as root inside the container before init: brings the
   loopback interface up (as container engines do; a system container's own init does it).
   liblxc runs start hooks through the image's ``/bin/sh``, so images without one get no hook
@@ -81,8 +84,8 @@ from pytest_incus.images.rootfs import inside
 from pytest_incus.images.store import Image, ImageStore
 
 # the local app runtime's reading of an image: the same program lookup and the same User
+from pytest_incus.runtimes.app import DEFAULT_PATH, find_program
 from pytest_incus.runtimes.app import _ids as app_ids
-from pytest_incus.runtimes.app import find_program
 from pytest_incus.spec import InstanceSpec
 
 if TYPE_CHECKING:
@@ -91,7 +94,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pytest_incus")
 
 PACKING = "1"  # the tarball layout's version: another one is another fingerprint
-LAUNCHER = "1"  # the app launcher's version (its files are in every app image)
+LAUNCHER = "1"  # the app launcher's layout (its scripts' text counts by itself)
 LOCK_TIMEOUT = 3600.0
 UPLOAD_TIMEOUT = 3600.0  # seconds for the server to take an image in
 REQUEST_TIMEOUT = 600.0  # of the upload request itself (the body is streamed)
@@ -106,7 +109,6 @@ APP_EXIT = f"{APP_DIR}/exit"
 a stop that killed it."""
 APP_LOG = f"{APP_DIR}/log"
 """The app's stdout and stderr, every run appended (what ``logs()`` shows)."""
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _INIT_SCRIPT = f"""\
 # init of a pytest-incus app on Incus: runs the program its arguments name (each base64 of one
@@ -116,7 +118,7 @@ $B rm -f {APP_EXIT}
 exec >>{APP_LOG} 2>&1 </dev/null
 n=$#
 for word; do
-  v=$(printf %s "${{word#x}}" | $B base64 -d; echo .) || exit 126
+  v=$(printf %s "${{word#x}}" | $B base64 -d; echo .)
   set -- "$@" "${{v%.}}"
 done
 shift $n
@@ -275,7 +277,8 @@ def _launcher_version() -> str:
     """What an app image's launcher is made of: its version and the host's busybox (a new
     busybox is another tarball, so another fingerprint)."""
     st = host_busybox().stat()
-    return f"{LAUNCHER}-{st.st_size}-{st.st_mtime_ns}"
+    scripts = hashlib.sha256((_INIT_SCRIPT + _HOOK_SCRIPT).encode()).hexdigest()[:16]
+    return f"{LAUNCHER}-{scripts}-{st.st_size}-{st.st_mtime_ns}"
 
 
 # -- the images of one server ---------------------------------------------------------------
