@@ -532,7 +532,8 @@ class IncusImages:
                 exc=exc,
             ) from exc
         self.store.progress(
-            f"image {entry.ref} uploaded to {remote} in {time.monotonic() - started:.1f}s"
+            f"image {entry.ref} packed and uploaded to {remote} in "
+            f"{time.monotonic() - started:.1f}s"
         )
 
     def _wait(self, operation_id: str, entry: Image) -> None:

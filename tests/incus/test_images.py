@@ -9,7 +9,10 @@ server, as the cache they are.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -212,6 +215,27 @@ def test_packing_is_deterministic(private: ImageStore) -> None:
         entry.rootfs, None, metadata=metadata, mtime=int(entry.created), extra=()
     )
     assert once == twice
+    # and in another process (another hash seed, another order of everything unordered)
+    program = (
+        "import sys; from pathlib import Path; from pytest_incus.incus.images import pack; "
+        "print(pack(Path(sys.argv[1]), None, metadata=sys.argv[2].encode(), "
+        "mtime=int(sys.argv[3]), extra=())[0])"
+    )
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            program,
+            str(entry.rootfs),
+            metadata.decode(),
+            str(int(entry.created)),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
+    assert other.stdout.strip() == once[0]
     later = incus_images.pack(
         entry.rootfs, None, metadata=metadata, mtime=int(entry.created) + 1, extra=()
     )
