@@ -47,11 +47,16 @@ ECHO_CONFIG = [
 ]
 
 
+# the test suite's project on this machine's Incus (scripts/incus-setup.sh makes it), as
+# tests/incus/conftest.py's incus_client uses
+PROJECT = "pytest-incus"
+
+
 class CountingClient(IncusClient):
     """The real client, counting the requests it makes (method, path)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(project=PROJECT)
         self.requests: list[tuple[str, str]] = []
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -64,7 +69,7 @@ class CountingClient(IncusClient):
 
 @pytest.fixture
 def client() -> Iterator[IncusClient]:
-    with IncusClient() as c:
+    with IncusClient(project=PROJECT) as c:
         c.check()
         yield c
 
