@@ -84,8 +84,7 @@ from pytest_incus.images.rootfs import inside
 from pytest_incus.images.store import Image, ImageStore
 
 # the local app runtime's reading of an image: the same program lookup and the same User
-from pytest_incus.runtimes.app import DEFAULT_PATH, find_program
-from pytest_incus.runtimes.app import _ids as app_ids
+from pytest_incus.runtimes.app import DEFAULT_PATH, find_program, user_ids
 from pytest_incus.spec import InstanceSpec
 
 if TYPE_CHECKING:
@@ -139,9 +138,6 @@ _HOOK_SCRIPT = f"""\
 # lxc.hook.start of a pytest-incus app: the loopback interface up, as container engines do
 {APP_BUSYBOX} ip link set lo up
 """
-
-# simplestreams names of the kernel's architectures (what GET /1.0 reports)
-_ARCHES = simplestreams._ARCHES  # one table for the local backend and this one
 
 
 @dataclass(frozen=True)
@@ -358,7 +354,7 @@ class IncusImages:
         """The server's architecture as simplestreams names it."""
         arches = self.client.server().get("environment", {}).get("architectures") or []
         kernel = str(arches[0]) if arches else os.uname().machine
-        return _ARCHES.get(kernel.lower(), kernel.lower())
+        return simplestreams.arch_name(kernel)
 
     def _architecture(self) -> str:
         """The server's architecture as metadata.yaml names it (the kernel's name)."""
@@ -386,7 +382,7 @@ class IncusImages:
                 f"image {spec.image!r} has no program {argv[0]!r} {where} (an executable "
                 "file); give command=[...] naming a program the image has"
             )
-        uid, gid = app_ids(entry.rootfs, config.user)
+        uid, gid = user_ids(entry.rootfs, config.user)
         packing = _Packing(
             "app", f"{PACKING}-{_launcher_version()}", lambda: _launcher(entry.rootfs, uid, gid)
         )
