@@ -47,7 +47,7 @@ import launch as lb
 from simplestreams_helpers import ImageServer
 
 from pytest_incus import fsutil
-from pytest_incus.images.store import Image
+from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.settings import Settings, default_cache_dir
 from pytest_incus.signals import RunSignals
 
@@ -66,7 +66,7 @@ def pack_tree(base: Image, tree: Path) -> None:
     fsutil.remove_tree(tree)
     work = tree.parent / "bench-pack"
     fsutil.remove_tree(work)
-    (tree).mkdir(parents=True)
+    tree.mkdir(parents=True)
     work.mkdir(parents=True)
     print(f"  packing {BASE} for the simplestreams server (once per build of {BASE})", flush=True)
     metadata = work / "metadata.yaml"
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     series = {name: lb.Series() for name in ("debian", "images", "derived")}
     try:
         with contextlib.ExitStack() as stack:
-            base = lb.Bench(Settings(cache_dir=cache)).store.get(BASE)
+            base = ImageStore(Settings(cache_dir=cache)).get(BASE)  # packed for the server
             tree = cache / "bench" / "simplestreams"
             pack_tree(base, tree)
             server = stack.enter_context(ImageServer(tree))

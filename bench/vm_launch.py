@@ -48,6 +48,7 @@ from pytest_incus.images import vm as vm_images
 from pytest_incus.images.store import ImageStore
 from pytest_incus.ownership import Owner, process_start_time
 from pytest_incus.runtimes import accel, qemu, vm
+from pytest_incus.runtimes.context import RuntimeContext
 from pytest_incus.settings import Settings, default_cache_dir
 from pytest_incus.spec import InstanceSpec
 from pytest_incus.values import ExecRequest
@@ -75,7 +76,9 @@ def raw_launch(settings: Settings, images: ImageStore, init: str) -> float:
     directory.mkdir(parents=True)
     registry.write_record(directory, kind="vm", image=IMAGE, owner=Owner.current())
     try:
-        machine = vm.VmRuntime().create(spec, directory.name, directory, images, None)
+        machine = vm.VmRuntime(RuntimeContext.of(images)).create(
+            spec, directory.name, directory, None
+        )
         argv = machine.qemu_argv()
         started = time.monotonic()
         child = subprocess.Popen(

@@ -14,9 +14,17 @@ from pytest_incus.errors import IncusError
 from pytest_incus.factory import InstanceFactory
 from pytest_incus.images import vm as vm_images
 from pytest_incus.images.store import Image, ImageStore
-from pytest_incus.runtimes import RUNTIMES, accel, get_runtime
+from pytest_incus.runtimes import accel
 from pytest_incus.runtimes.container import unprivileged_unavailable
-from pytest_incus.settings import DEFAULT_IMAGE_SERVER, DEFAULT_MIRROR, Settings, default_cache_dir
+from pytest_incus.runtimes.protocol import Runtime
+from pytest_incus.settings import (
+    BACKEND_CHOICES,
+    DEFAULT_IMAGE_SERVER,
+    DEFAULT_MIRROR,
+    DEFAULT_PROJECT,
+    Settings,
+    default_cache_dir,
+)
 
 DOCTOR_DEADLINE = 30.0
 
@@ -28,7 +36,15 @@ def _settings(args: argparse.Namespace) -> Settings:
         image_server=args.image_server,
         insecure_registries=frozenset(args.insecure_registry),
         subnet=args.subnet,
+        backend=args.backend,
+        remote=args.remote,
+        project=args.project,
     )
+
+
+def _local(settings: Settings, kind: str) -> Runtime:
+    """This host's own runtime of ``kind`` (what doctor checks)."""
+    return registry.default_runtimes(settings).get("local", kind)
 
 
 def _print_progress(message: str) -> None:
@@ -49,7 +65,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     settings = _settings(args)
     problems = 0
     print(f"cache directory: {settings.cache_dir}")
-    reason = get_runtime("container").unavailable()
+    reason = _local(settings, "container").unavailable()
     if reason is None:
         reason = _try_container(settings, privileged=False)
         if reason is not None:
@@ -65,7 +81,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"container: cannot run: {reason}")
         problems += 1
     problems += _doctor_vm(settings)
-    reason = RUNTIMES["app"].unavailable()
+    reason = _local(settings, "app").unavailable()
     if reason is None:
         print("app: ok (liblxc, lxc-execute, skopeo and umoci present)")
     else:
@@ -93,7 +109,7 @@ def _doctor_network(settings: Settings) -> int:
 def _doctor_vm(settings: Settings) -> int:
     """Say whether VMs can run and with which accelerator: the verdict VMs use, what it rests
     on, and a KVM probe run now where a VM image's kernel is cached; 1 if VMs cannot run."""
-    reason = get_runtime("vm").unavailable()
+    reason = _local(settings, "vm").unavailable()
     if reason is not None:
         print(f"vm: cannot run: {reason}")
         return 1
@@ -235,7 +251,8 @@ def cmd_shell(args: argparse.Namespace) -> int:
     if record is None:
         print(f"no instance named {args.name!r} (see pytest-incus ls)", file=sys.stderr)
         return 1
-    return get_runtime(record.kind).shell(args.name, record.directory, args.command or None)
+    runtime = registry.default_runtimes(settings).get(record.backend, record.kind)
+    return runtime.shell(args.name, record.directory, args.command or None)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -248,7 +265,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
             print(f"no instance named {name!r}", file=sys.stderr)
             status = 1
             continue
-        registry.remove_instance(settings, name, record.kind)
+        registry.remove_instance(settings, name, record.kind, backend=record.backend)
         print(f"deleted {name}")
     network.sweep(settings)  # a network whose last instance that was
     return status
@@ -292,6 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST[:PORT]",
         help="an OCI registry to reach over plain HTTP (repeatable)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="local",
+        help="ls, reap: also the instances of this backend (incus: an Incus server's, found by "
+        "their user.pytest-incus.* keys)",
+    )
+    parser.add_argument(
+        "--remote",
+        default=None,
+        metavar="SOCKET|https://HOST:PORT",
+        help="the Incus server of --backend=incus (default: Incus's own unix socket)",
+    )
+    parser.add_argument("--project", default=DEFAULT_PROJECT, help="its Incus project")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="check what this host can run").set_defaults(func=cmd_doctor)
     images = sub.add_parser("images", help="list, build or prune cached images")

@@ -13,7 +13,9 @@
      |    +-- ExecTimeoutError  a command that ran past its timeout (it has been killed)
      +-- UnknownUserError       exec(user=...) names a user the instance does not have
      +-- AgentError             the guest agent of a VM failed or cannot do what was asked
-     +-- UnavailableError       this host cannot run the asked kind of instance
+     +-- UnavailableError       this host (or the Incus server) cannot run the asked kind
+     |                          of instance, or the Incus server cannot be used at all
+     +-- ServerError            the Incus server (--incus-backend=incus) failed a request
      +-- WaitTimeoutError       (also a TimeoutError) what was waited for did not happen in time
 
 Besides these, only the built-in ``OSError`` subclasses escape, as pathlib raises them, for a
@@ -57,6 +59,17 @@ class InstanceStartError(IncusError):
 
 class UnavailableError(IncusError):
     """This host cannot run the asked kind of instance (what ``pytest-incus doctor`` says)."""
+
+
+class ServerError(IncusError):
+    """The Incus server of ``--incus-backend=incus`` refused or failed a request.
+
+    ``status`` is the HTTP status (or Incus's error code) of the answer, 0 when there was none.
+    """
+
+    def __init__(self, message: str, *, status: int = 0, exc: BaseException | None = None) -> None:
+        super().__init__(message, exc=exc)
+        self.status = status
 
 
 class NotRunningError(IncusError):

@@ -14,22 +14,13 @@ from pytest_incus.errors import ConfigError, IncusError, InstanceStartError, Una
 from pytest_incus.images.store import ImageStore
 from pytest_incus.instance import Instance
 from pytest_incus.ownership import Owner
-from pytest_incus.runtimes import get_runtime
+from pytest_incus.runtimes.context import RuntimeContext
+from pytest_incus.runtimes.protocol import Runtime
+from pytest_incus.runtimes.table import RuntimeTable
 from pytest_incus.settings import Settings
 from pytest_incus.spec import InstanceSpec
 
 log = logging.getLogger("pytest_incus")
-
-
-def check_spec(spec: InstanceSpec, *, where: str, images: ImageStore) -> None:
-    """Everything knowable before launch: image name and kind-specific options."""
-    try:
-        get_runtime(spec.kind).check(spec)
-        images.check(spec.image, spec.kind)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    except UnavailableError:
-        pass  # a kind this host or version cannot run errors (or skips) when the test runs
 
 
 class InstanceFactory:
@@ -40,21 +31,27 @@ class InstanceFactory:
     it uses, so that ``--incus-keep`` can keep them: a kept instance stays running and
     registered after ``delete()`` and ``close()``, and only ``pytest-incus rm`` or
     ``reap --kept`` removes it.
+
+    Instances run on the backend ``settings.backend`` names, made by the runtime that
+    ``runtimes`` (by default every backend's, on ``images``) has for it and their kind.
     """
 
     def __init__(
         self,
         settings: Settings,
         images: ImageStore,
+        runtimes: RuntimeTable | None = None,
         *,
         on_ready: Callable[[Instance], None] | None = None,
     ) -> None:
         self.settings = settings
         self.images = images
+        self.runtimes = runtimes or RuntimeTable.default(RuntimeContext.of(images))
         self._on_ready = on_ready
         self._owner = Owner.current()
         self._live: dict[str, Instance] = {}  # launched and not deleted; kept ones too
         self._used: dict[str, Instance] | None = None  # by the running test, or None
+        self._runtimes_used: list[Runtime] = []  # whose networks close() sweeps
 
     def launch(self, kind: str | None = None, image: str | None = None, **options: Any) -> Instance:
         """Launch an instance and return it once ready (see the ``instance`` marker's options)."""
@@ -64,15 +61,32 @@ class InstanceFactory:
             options,
             where="launch()",
         )
-        check_spec(spec, where="launch()", images=self.images)
+        self.check(spec, where="launch()")
         return self.launch_spec(spec)
+
+    def check(self, spec: InstanceSpec, *, where: str) -> None:
+        """Everything knowable before launch (image name, the options of its kind, as this
+        run's backend sees them); ConfigError naming ``where``."""
+        try:
+            self.runtime(spec.kind).check(spec)
+            self.images.check(spec.image, spec.kind)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        except UnavailableError:
+            pass  # a kind this host or version cannot run errors (or skips) when the test runs
+
+    def runtime(self, kind: str) -> Runtime:
+        """The runtime that makes instances of ``kind`` on this run's backend."""
+        return self.runtimes.get(self.settings.backend, kind)
 
     def launch_spec(self, spec: InstanceSpec) -> Instance:
         """Launch the instance ``spec`` describes (already checked)."""
         spec = spec.with_defaults(
             max_processes=self.settings.max_processes, network=self.settings.default_network
         )
-        runtime = get_runtime(spec.kind)
+        runtime = self.runtime(spec.kind)
+        if runtime not in self._runtimes_used:
+            self._runtimes_used.append(runtime)
         reason = runtime.unavailable()
         if reason:
             raise UnavailableError(f"cannot launch kind={spec.kind!r} here: {reason}")
@@ -98,20 +112,23 @@ class InstanceFactory:
             raise
         machine = None
         try:
-            registry.write_record(directory, kind=spec.kind, image=made.image, owner=self._owner)
+            registry.write_record(
+                directory,
+                kind=spec.kind,
+                image=made.image,
+                owner=self._owner,
+                backend=runtime.backend,
+            )
             attachment = None
             if spec.network and spec.network != "none":
-                attachment = network.attach(
-                    self.settings, spec.network, name, directory, self._owner
-                )
-            machine = runtime.create(made, name, directory, self.images, attachment)
+                attachment = runtime.networks.attach(spec.network, name, directory, self._owner)
+            machine = runtime.create(made, name, directory, attachment)
             instance = Instance(
                 machine,
                 spec,
                 exec_timeout=self.settings.exec_timeout,
                 on_delete=self._delete,
                 on_use=self.use,
-                network=attachment,
             )
             # live before it starts: whatever cuts the start short (a signal included),
             # close() still deletes what it made
@@ -124,7 +141,9 @@ class InstanceFactory:
                 # and keep its stop waiting); the reap then removes the rest
                 with contextlib.suppress(Exception):
                     machine.destroy()
-            registry.remove_instance(self.settings, name, spec.kind)
+            registry.remove_instance(
+                self.settings, name, spec.kind, backend=runtime.backend, runtimes=self.runtimes
+            )
             self._live.pop(name, None)
             if isinstance(exc, OSError):  # of the host's files: the instance's own are inside
                 raise InstanceStartError(
@@ -188,7 +207,7 @@ class InstanceFactory:
             return  # the user asked for it to stay, for a look inside after the run
         try:
             instance.machine.destroy()
-            network.detach(self.settings, instance.name, instance.directory)
+            self.runtime(instance.kind).networks.detach(instance.name, instance.directory)
         except Exception:
             self._forget(instance)  # nothing more to try here; reap can
             raise
@@ -215,6 +234,9 @@ class InstanceFactory:
                 errors.append(f"{instance.name}: {exc}")
         try:
             network.sweep(self.settings)  # the bridges nobody uses now, of any run
+            for networks in {id(r.networks): r.networks for r in self._runtimes_used}.values():
+                if not isinstance(networks, network.HostNetworks):  # swept just above
+                    networks.sweep()
         except (IncusError, OSError) as exc:
             errors.append(f"networks: {exc}")
         if errors:

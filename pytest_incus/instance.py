@@ -162,11 +162,9 @@ class Instance:
         exec_timeout: float,
         on_delete: Callable[[Instance], None],
         on_use: Callable[[Instance], None],
-        network: NetworkAttachment | None = None,
     ) -> None:
         self.machine = machine
         self.spec = spec
-        self.network = network
         self._exec_timeout = exec_timeout
         self._on_delete = on_delete
         self._on_use = on_use
@@ -202,7 +200,14 @@ class Instance:
     def ipv4(self) -> str | None:
         """The instance's IPv4 address on its host-only network, which the host (the test)
         reaches; None for ``network="none"``."""
-        return None if self.network is None else self.network.address
+        return self.machine.ipv4
+
+    @property
+    def network(self) -> NetworkAttachment | None:
+        """Its place on a host-only network of this host (local backend): bridge, address,
+        MAC; None for no network, or an instance on another backend."""
+        attachment = getattr(self.machine, "network", None)
+        return attachment if isinstance(attachment, NetworkAttachment) else None
 
     @property
     def directory(self) -> Path:

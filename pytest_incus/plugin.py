@@ -11,13 +11,16 @@ import pytest
 
 from pytest_incus import hookspecs, registry, signals
 from pytest_incus.errors import ConfigError
-from pytest_incus.factory import InstanceFactory, check_spec
+from pytest_incus.factory import InstanceFactory
 from pytest_incus.fixtures import image_store, instance, instance_factory, instance_target
 from pytest_incus.images.store import ImageStore
 from pytest_incus.instance import Instance
 from pytest_incus.ownership import Owner, process_start_time
+from pytest_incus.runtimes.context import RuntimeContext
+from pytest_incus.runtimes.table import RuntimeTable
 from pytest_incus.settings import (
     ACCEL_CHOICES,
+    BACKEND_CHOICES,
     DEFAULT_EXEC_TIMEOUT,
     DEFAULT_IMAGE,
     DEFAULT_IMAGE_SERVER,
@@ -25,6 +28,7 @@ from pytest_incus.settings import (
     DEFAULT_MAX_PROCESSES,
     DEFAULT_MIRROR,
     DEFAULT_NETWORK,
+    DEFAULT_PROJECT,
     KEEP_CHOICES,
     Settings,
     default_cache_dir,
@@ -111,6 +115,44 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "saved in the cache; off: every VM boots from scratch",
     )
     group.addoption(
+        "--incus-backend",
+        choices=BACKEND_CHOICES,
+        default=None,
+        help="where instances run: local (default: this host, the plugin as its own engine) or "
+        "incus (an Incus server or cluster, over its REST API)",
+    )
+    group.addoption(
+        "--incus-remote",
+        default=None,
+        metavar="SOCKET|https://HOST:PORT",
+        help="the Incus server of --incus-backend=incus: a unix socket path (default: Incus's "
+        "own) or https://HOST:PORT (with the incus command's client certificate, or "
+        "--incus-client-cert/--incus-client-key)",
+    )
+    group.addoption(
+        "--incus-project",
+        default=None,
+        help=f"the Incus project instances go in (default {DEFAULT_PROJECT})",
+    )
+    group.addoption(
+        "--incus-target",
+        default=None,
+        metavar="MEMBER",
+        help="the cluster member instances go on (default: the cluster places them)",
+    )
+    group.addoption(
+        "--incus-client-cert",
+        default=None,
+        metavar="PATH",
+        help="client certificate for an https remote (default: the incus command's own)",
+    )
+    group.addoption(
+        "--incus-client-key",
+        default=None,
+        metavar="PATH",
+        help="private key of --incus-client-cert",
+    )
+    group.addoption(
         "--incus-skip-unavailable",
         action="store_true",
         default=None,
@@ -161,6 +203,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "incus_skip_unavailable", "ini form of --incus-skip-unavailable", type="bool", default=False
     )
+    parser.addini("incus_backend", "ini form of --incus-backend", default="local")
+    parser.addini("incus_remote", "ini form of --incus-remote", default="")
+    parser.addini("incus_project", "ini form of --incus-project", default=DEFAULT_PROJECT)
+    parser.addini("incus_target", "ini form of --incus-target", default="")
+    parser.addini("incus_client_cert", "ini form of --incus-client-cert", default="")
+    parser.addini("incus_client_key", "ini form of --incus-client-key", default="")
 
 
 def _on_off(value: str) -> bool:
@@ -175,6 +223,11 @@ def _settings(config: pytest.Config) -> Settings:
         return config.getini(ini) if value is None else value
 
     cache = option("incus_cache_dir", "incus_cache_dir")
+
+    def path(name: str) -> Path | None:
+        value = option(name, name)
+        return Path(value).expanduser().absolute() if value else None
+
     try:
         timeout = float(config.getini("incus_exec_timeout"))
     except ValueError:
@@ -203,6 +256,12 @@ def _settings(config: pytest.Config) -> Settings:
         subnet=option("incus_subnet", "incus_subnet") or None,
         default_network=config.getini("incus_default_network"),
         vm_snapshots=_on_off(option("incus_vm_snapshots", "incus_vm_snapshots")),
+        backend=option("incus_backend", "incus_backend"),
+        remote=option("incus_remote", "incus_remote") or None,
+        project=option("incus_project", "incus_project") or DEFAULT_PROJECT,
+        target=option("incus_target", "incus_target") or None,
+        client_cert=path("incus_client_cert"),
+        client_key=path("incus_client_key"),
         insecure_registries=frozenset(
             [
                 *config.getini("incus_insecure_registries"),
@@ -230,6 +289,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[FACTORY] = InstanceFactory(
         settings,
         store,
+        RuntimeTable.default(RuntimeContext.of(store)),
         on_ready=lambda inst: config.hook.pytest_incus_instance_ready(instance=inst),
     )
     run_signals = signals.RunSignals()
@@ -264,7 +324,7 @@ class _nothing:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Reap what killed runs left (only instances whose owning process is gone)."""
-    registry.reap(session.config.stash[SETTINGS])
+    registry.reap(session.config.stash[SETTINGS], runtimes=session.config.stash[FACTORY].runtimes)
 
 
 @pytest.hookimpl(trylast=True)
@@ -273,7 +333,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     killed by a test, say): a run leaves nothing behind. Instances of live processes (other
     runs, nested pytest runs) are never touched."""
     if not hasattr(session.config, "workerinput"):  # the controller, or a run without xdist
-        registry.reap(session.config.stash[SETTINGS])
+        registry.reap(
+            session.config.stash[SETTINGS], runtimes=session.config.stash[FACTORY].runtimes
+        )
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -331,7 +393,7 @@ def spec_for(node: Any, settings: Settings, target: tuple[str, str] | None) -> I
     pairs, options, _ = marker_targets(node, settings)
     kind, image = target or pairs[0]
     spec = InstanceSpec.parse(kind, image, options, where=node.nodeid)
-    check_spec(spec, where=node.nodeid, images=node.config.stash[STORE])
+    node.config.stash[FACTORY].check(spec, where=node.nodeid)
     return spec
 
 

@@ -1,7 +1,8 @@
 """The instances this tool created, found on disk, and the reaping of those a dead run left.
 
 Every instance has a directory ``<cache>/instances/<name>/`` whose ``instance.json`` names its
-kind, image and owner (pid and start time of the launching process). The record is written
+backend, kind, image and owner (pid and start time of the launching process); an instance of
+the ``incus`` backend lives on the server, and its record here lets this host reap it by name. The record is written
 before anything else of the instance exists, so whatever a killed run leaves can be found.
 """
 
@@ -17,7 +18,9 @@ import filelock
 
 from pytest_incus import claims, fsutil, network
 from pytest_incus.ownership import Owner
-from pytest_incus.runtimes import cgroups, get_runtime, process
+from pytest_incus.runtimes import cgroups, process
+from pytest_incus.runtimes.context import RuntimeContext
+from pytest_incus.runtimes.table import RuntimeTable
 from pytest_incus.settings import Settings
 
 log = logging.getLogger("pytest_incus")
@@ -37,6 +40,7 @@ class Record:
     created: float
     kept: bool
     directory: Path
+    backend: str = "local"
 
     @property
     def orphaned(self) -> bool:
@@ -45,11 +49,18 @@ class Record:
 
 
 def write_record(
-    directory: Path, *, kind: str, image: str, owner: Owner, kept: bool = False
+    directory: Path,
+    *,
+    kind: str,
+    image: str,
+    owner: Owner,
+    kept: bool = False,
+    backend: str = "local",
 ) -> None:
     """Write (or rewrite) the record of the instance in ``directory``."""
     data = {
         "name": directory.name,
+        "backend": backend,
         "kind": kind,
         "image": image,
         "owner": owner.to_dict(),
@@ -90,6 +101,7 @@ def read_record(directory: Path) -> Record | None:
         created=float(data.get("created", 0)),
         kept=bool(data.get("kept")),
         directory=directory,
+        backend=str(data.get("backend", "local")),
     )
 
 
@@ -107,19 +119,38 @@ def _reap_lock(settings: Settings) -> filelock.FileLock:
     return filelock.FileLock(settings.instances_dir / ".reap.lock", timeout=120)
 
 
-def remove_instance(settings: Settings, name: str, kind: str) -> None:
+def default_runtimes(settings: Settings) -> RuntimeTable:
+    """The runtime table of a caller that has none of its own (the CLI, a test)."""
+    from pytest_incus.images.store import ImageStore  # the store imports this module's users
+
+    return RuntimeTable.default(RuntimeContext.of(ImageStore(settings)))
+
+
+def remove_instance(
+    settings: Settings,
+    name: str,
+    kind: str,
+    *,
+    backend: str = "local",
+    runtimes: RuntimeTable | None = None,
+) -> None:
     """Remove all of instance ``name``: its processes, cgroups, mounts, network lease and
-    device, and directory."""
+    device (or, of the incus backend, the instance on the server), and directory."""
     directory = settings.instances_dir / name
+    runtime = (runtimes or default_runtimes(settings)).get(backend, kind)
     try:
-        get_runtime(kind).reap(name, directory)
-        network.detach(settings, name, directory)
+        runtime.reap(name, directory)
+        runtime.networks.detach(name, directory)
     finally:
         forget(directory)
 
 
 def reap(
-    settings: Settings, *, include_kept: bool = False, names: list[str] | None = None
+    settings: Settings,
+    *,
+    include_kept: bool = False,
+    names: list[str] | None = None,
+    runtimes: RuntimeTable | None = None,
 ) -> list[str]:
     """Remove the instances whose owning process is gone; returns their names.
 
@@ -138,7 +169,7 @@ def reap(
             if record is None:
                 if time.time() - directory.stat().st_mtime < ORPHAN_AGE:
                     continue  # a launch that is writing its record right now
-                kind = "container"
+                kind, backend = "container", "local"
             else:
                 if not (
                     record.orphaned
@@ -147,9 +178,11 @@ def reap(
                     )
                 ):
                     continue
-                kind = record.kind
+                kind, backend = record.kind, record.backend
             log.info("reaping instance %s left by a process that is gone", directory.name)
-            remove_instance(settings, directory.name, kind)
+            if runtimes is None:
+                runtimes = default_runtimes(settings)
+            remove_instance(settings, directory.name, kind, backend=backend, runtimes=runtimes)
             removed.append(directory.name)
         network.sweep(settings)  # leases of instances gone, bridges nobody uses
     claims.sweep()

@@ -23,6 +23,8 @@ DEFAULT_EXEC_TIMEOUT = 600.0
 # than a share of this host's pid_max, so that a test that passes here behaves the same on CI.
 DEFAULT_MAX_PROCESSES = 1024
 KEEP_CHOICES = ("never", "failed", "always")
+BACKEND_CHOICES = ("local", "incus")  # the plugin as its own engine, or an Incus server
+DEFAULT_PROJECT = "default"
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
 CACHE_ENV = "PYTEST_INCUS_CACHE_DIR"
 DEFAULT_NETWORK = "none"
@@ -100,6 +102,14 @@ class Settings:
     vm_snapshots: bool = True  # VMs resume a saved first boot (runtimes/snapshot.py)
     subnet: str | None = None  # host-only networks' addresses; None: the network module chooses
     default_network: str = DEFAULT_NETWORK  # of instances whose `network` option says none
+    backend: str = "local"  # one of BACKEND_CHOICES
+    # the Incus server of backend "incus": a unix socket path or https://HOST:PORT; None for
+    # Incus's own socket
+    remote: str | None = None
+    project: str = DEFAULT_PROJECT
+    target: str | None = None  # a cluster member to place instances on; None: the cluster does
+    client_cert: Path | None = None  # of an https remote; None: the incus command's own
+    client_key: Path | None = None
 
     def __post_init__(self) -> None:
         path = str(self.cache_dir)
@@ -127,6 +137,16 @@ class Settings:
         if self.accel not in ACCEL_CHOICES:
             raise ConfigError(
                 f"--incus-accel={self.accel!r}; use one of {', '.join(ACCEL_CHOICES)}"
+            )
+        if self.backend not in BACKEND_CHOICES:
+            raise ConfigError(
+                f"--incus-backend={self.backend!r}; use one of {', '.join(BACKEND_CHOICES)}"
+            )
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ConfigError(
+                "--incus-client-cert and --incus-client-key go together: give both (a "
+                "certificate the server trusts and its private key), or neither to use the "
+                "incus command's own"
             )
         if self.subnet is not None:
             # canonical ("10.250.0.0/16"), so that every worker and run writes it the same way

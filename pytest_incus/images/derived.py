@@ -24,16 +24,18 @@ import shlex
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pytest_incus import fsutil
 from pytest_incus.errors import ConfigError, ImageError
-from pytest_incus.images import local
 from pytest_incus.images.ref import ImageRef
 from pytest_incus.images.rootfs import inside
 from pytest_incus.images.source import NOT_APP, Built, Context, Version, base_of
 from pytest_incus.settings import DEFAULT_MIRROR
 from pytest_incus.spec import package_names, strings
+
+if TYPE_CHECKING:
+    from pytest_incus.images.store import Image  # the store imports this module
 
 Progress = Callable[[str], None]
 
@@ -416,8 +418,7 @@ class Builder(Protocol):
 
     def build(
         self,
-        base_rootfs: Path,
-        init: str,
+        base: Image,
         steps: Sequence[Step],
         rootfs: Path,
         *,
@@ -425,12 +426,11 @@ class Builder(Protocol):
         progress: Progress,
     ) -> None:
         """Run ``steps`` in order, each to its end within its timeout, in a build instance
-        whose root is the image in ``base_rootfs`` (never written: the changes go to a layer
+        whose root is the cached image ``base`` (never written: the changes go to a layer
         under ``work``), and that reaches the host's network; then leave the merged result,
         base and changes, as a plain directory tree in the existing empty directory
-        ``rootfs``. ``init`` is the image's init flavour ("systemd", "busybox", "other"), for
-        a builder that has to boot it. ``work`` is a directory for the builder (it makes it,
-        it must not exist yet), removed before this returns. Shows one progress line per step.
+        ``rootfs``. ``work`` is a directory for the builder (it makes it, it must not exist
+        yet), removed before this returns. Shows one progress line per step.
 
         ImageError for a step that fails (its command, exit code and the tail of its
         output), runs past its timeout, or a build instance that cannot start. On any error
@@ -501,7 +501,7 @@ def write_file(rootfs: Path, path: str, data: bytes) -> None:
 
 
 def build(
-    base_rootfs: Path,
+    base: Image,
     rootfs: Path,
     recipe: Recipe,
     *,
@@ -509,7 +509,7 @@ def build(
     progress: Progress,
     builder: Builder,
 ) -> None:
-    """Build the derived image of ``recipe`` on the image in ``base_rootfs`` into the empty
+    """Build the derived image of ``recipe`` on the cached image ``base`` into the empty
     staging directory ``rootfs``: its package manager detected, the steps planned and run by
     ``builder`` (work directory ``<rootfs>.build``, beside it in the staging area, removed
     before this returns), then the recipe's files written into the result. ``mirror`` is the
@@ -520,13 +520,11 @@ def build(
     package that does not exist or a command that fails (with the output), or a file that
     cannot be written. On error ``rootfs`` may hold a partial tree: the caller's staging
     directory goes as a whole."""
-    init = local.detect_init(base_rootfs)
     # an image without a package manager can still be derived with run= and files= (and
     # with one, run= commands get its environment: apt's DEBIAN_FRONTEND)
-    manager = detect(base_rootfs) if recipe.packages else find(base_rootfs)
-    steps = plan(manager, recipe, base_rootfs, mirror=mirror, environ=os.environ)
-    work = rootfs.with_name(BUILD_WORK)
-    builder.build(base_rootfs, init, steps, rootfs, work=work, progress=progress)
+    manager = detect(base.rootfs) if recipe.packages else find(base.rootfs)
+    steps = plan(manager, recipe, base.rootfs, mirror=mirror, environ=os.environ)
+    builder.build(base, steps, rootfs, work=rootfs.with_name(BUILD_WORK), progress=progress)
     for path, data in recipe.files:
         progress(f"derived image: writing {path}")
         try:
@@ -621,7 +619,7 @@ class DerivedSource:
         base, recipe = version.detail
         context.progress(f"deriving {ref.name} from {base.ref}: {recipe.describe()}")
         build(
-            base.rootfs,
+            base,
             rootfs,
             recipe,
             mirror=context.settings.mirror,

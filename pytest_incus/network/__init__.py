@@ -365,3 +365,25 @@ def probe(settings: Settings) -> str | None:
     except IncusError as exc:
         return str(exc)
     return None
+
+
+class HostNetworks:
+    """The local backend's networks (``runtimes.protocol.Networks``): this module's host-only
+    bridges, for the cache directory of ``settings``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def attach(
+        self, network: str, name: str, directory: Path, owner: Owner
+    ) -> NetworkAttachment | None:
+        """Lease ``name`` an address on ``network`` (see ``attach``)."""
+        return attach(self.settings, network, name, directory, owner)
+
+    def detach(self, name: str, directory: Path) -> None:
+        """Give back what ``attach`` gave ``name`` (see ``detach``)."""
+        detach(self.settings, name, directory)
+
+    def sweep(self) -> None:
+        """Remove leases of instances gone and bridges nobody uses (see ``sweep``)."""
+        sweep(self.settings)

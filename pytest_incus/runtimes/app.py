@@ -72,11 +72,10 @@ class AppRuntime(ContainerRuntime):
         spec: InstanceSpec,
         name: str,
         directory: Path,
-        images: ImageStore,
         network: NetworkAttachment | None,
     ) -> App:
         """Fetch (or find) the image and prepare the app's overlay and LXC config."""
-        lower, hook = self.prepare(spec, name, directory, images)
+        lower, hook = self.prepare(spec, name, directory, self.context.images)
         return App(spec, name, directory, lower, hook, network)
 
     def check_image(self, name: str, image: Image, lower: Image, images: ImageStore) -> None:
@@ -84,7 +83,7 @@ class AppRuntime(ContainerRuntime):
         the image has that program, ``App`` checks)."""
 
 
-def _ids(rootfs: Path, user: str) -> tuple[int, int]:
+def user_ids(rootfs: Path, user: str) -> tuple[int, int]:
     """uid and gid of an OCI ``User`` ("name", "uid", "name:group", "uid:gid"), looked up in
     the image's own passwd and group files (read as files of the image, never the host's)."""
     if not user:
@@ -172,7 +171,7 @@ class App(Container):
         super().__init__(spec, name, directory, image, hook, network)
 
     def _extra_config(self) -> list[str]:
-        uid, gid = _ids(self.image.rootfs, self.config.user)
+        uid, gid = user_ids(self.image.rootfs, self.config.user)
         # the loopback interface up, as container engines give it (a system container's init
         # brings it up itself; an app's program does not)
         lines = ["lxc.net.0.flags = up", f"lxc.init.uid = {uid}", f"lxc.init.gid = {gid}"]

@@ -24,6 +24,7 @@ the container is destroyed, the mount is gone and the work directory removed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -84,20 +85,16 @@ class ContainerBuilder:
 
     def build(
         self,
-        base_rootfs: Path,
-        init: str,
+        base: Image,
         steps: Sequence[derived.Step],
         rootfs: Path,
         *,
         work: Path,
         progress: derived.Progress,
     ) -> None:
-        """Run ``steps`` in a build container on ``base_rootfs`` and leave base + changes in
-        ``rootfs`` (see ``derived.Builder.build``). ``init`` is not booted (see the module
-        docstring)."""
-        if base_rootfs.name != "rootfs":
-            # the container's lower layer is Image.rootfs, <entry>/rootfs in the cache
-            raise ImageError(f"a build's base rootfs must be a cache entry's rootfs: {base_rootfs}")
+        """Run ``steps`` in a build container on ``base`` and leave base + changes in
+        ``rootfs`` (see ``derived.Builder.build``). The image's init is not booted (see the
+        module docstring)."""
         try:
             work.mkdir(mode=0o755)
         except OSError as exc:
@@ -107,15 +104,15 @@ class ContainerBuilder:
                 exc=exc,
             ) from exc
         try:
-            upper = self._run(base_rootfs, steps, work, progress)
+            upper = self._run(base, steps, work, progress)
             progress("derived image: copying the result")
-            flatten(base_rootfs, upper, rootfs, work / MERGED)
+            flatten(base.rootfs, upper, rootfs, work / MERGED)
         finally:
             self.reap(work)
 
     def _run(
         self,
-        base_rootfs: Path,
+        base: Image,
         steps: Sequence[derived.Step],
         work: Path,
         progress: derived.Progress,
@@ -126,25 +123,17 @@ class ContainerBuilder:
         directory.mkdir(mode=0o755)
         spec = InstanceSpec(
             kind="container",
-            image=str(base_rootfs),
+            image=base.ref,
             privileged=True,  # on the unshifted base: the entry is unshifted like every image
             processes=DEFAULT_MAX_PROCESSES,
             boot_timeout=self.start_timeout,
             name=name,
         )
-        base = Image(
-            ref=str(base_rootfs),
-            kind="container",
-            key=base_rootfs.parent.name,
-            path=base_rootfs.parent,
-            size=0,
-            created=0.0,
-            init=BUILD_INIT_FLAVOUR,
-        )
+        lower = dataclasses.replace(base, init=BUILD_INIT_FLAVOUR)  # its init is not booted
         network = HostNetwork(_host_resolv_conf())
         with _as_image_error("preparing the build container"):
             machine = BuildContainer(
-                spec, name, directory, base, _hook_path(self.cache_dir), network
+                spec, name, directory, lower, _hook_path(self.cache_dir), network
             )
         try:
             progress(f"derived image: starting the build container {name}")

@@ -40,6 +40,7 @@ from pytest_incus.images import rootfs
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.runtimes import cgroups, inside, mounts, process, readiness
 from pytest_incus.runtimes.liblxc import lxc_errors
+from pytest_incus.runtimes.local import LocalRuntime
 from pytest_incus.runtimes.server import ExecServer
 from pytest_incus.spec import InstanceSpec
 from pytest_incus.values import ExecRequest, ExecResult, NetworkAttachment, Stat
@@ -256,7 +257,7 @@ def network_config(network: NetworkAttachment | HostNetwork | None, directory: P
     ]
 
 
-class ContainerRuntime:
+class ContainerRuntime(LocalRuntime):
     """Makes system containers."""
 
     kind = "container"
@@ -290,11 +291,10 @@ class ContainerRuntime:
         spec: InstanceSpec,
         name: str,
         directory: Path,
-        images: ImageStore,
         network: NetworkAttachment | None,
     ) -> Container:
         """Prepare the overlay and LXC config of a new container."""
-        lower, hook = self.prepare(spec, name, directory, images)
+        lower, hook = self.prepare(spec, name, directory, self.context.images)
         return Container(spec, name, directory, lower, hook, network)
 
     def prepare(
@@ -493,6 +493,12 @@ class Container:
         console = tail(self.logs())
         error.add_note("console log:\n" + (console or "(empty: init printed nothing yet)"))
         return error
+
+    @property
+    def ipv4(self) -> str | None:
+        """The address of its host-only network lease; None for no network (or the host's,
+        for image builds)."""
+        return self.network.address if isinstance(self.network, NetworkAttachment) else None
 
     def running(self) -> bool:
         """True while the container runs."""

@@ -1,8 +1,10 @@
 """The interface every kind of instance implements (the values it exchanges are in
 ``pytest_incus.values``).
 
-A ``Runtime`` knows one kind (container, app, vm): it checks specs, says whether this host can
-run the kind, and makes ``Machine`` objects. A ``Machine`` is one instance's engine; the public
+A ``Runtime`` knows one kind (container, app, vm) on one backend (``local``: the plugin as its
+own engine; ``incus``: an Incus server): it checks specs, says whether the kind can run, and
+makes ``Machine`` objects. The factory picks it from a ``RuntimeTable`` by (backend, kind); each
+runtime gets a ``RuntimeContext`` when it is made. A ``Machine`` is one instance's engine; the public
 ``Instance`` wraps it and implements everything kind-independent (push/pull semantics, ``file()``,
 ``check=True``), so fixtures and ``Instance`` never branch on kind.
 """
@@ -17,7 +19,7 @@ from pytest_incus.values import ExecRequest, ExecResult, NetworkAttachment, Stat
 if TYPE_CHECKING:
     # annotations only: defining the protocol must not import the image store and all it
     # imports (the store's modules may import this one)
-    from pytest_incus.images.store import ImageStore
+    from pytest_incus.ownership import Owner
     from pytest_incus.spec import InstanceSpec
 
 
@@ -26,6 +28,12 @@ class Machine(Protocol):
 
     name: str
     directory: Path
+
+    @property
+    def ipv4(self) -> str | None:
+        """The instance's IPv4 address on its network, which the host reaches; None for no
+        network (or none yet)."""
+        ...
 
     def start(self) -> None:
         """Boot and return once ready (init finished booting and exec works)."""
@@ -85,10 +93,31 @@ class Machine(Protocol):
         ...
 
 
+class Networks(Protocol):
+    """A backend's networks: where ``network="bridged"`` (or a name) puts an instance."""
+
+    def attach(
+        self, network: str, name: str, directory: Path, owner: Owner
+    ) -> NetworkAttachment | None:
+        """Give instance ``name`` a place on ``network`` before it is created; None when the
+        backend's runtime plugs it in itself (an Incus server's managed networks)."""
+        ...
+
+    def detach(self, name: str, directory: Path) -> None:
+        """Release what ``attach`` gave ``name``; idempotent."""
+        ...
+
+    def sweep(self) -> None:
+        """Remove the networks no instance uses any more."""
+        ...
+
+
 class Runtime(Protocol):
-    """Makes instances of one kind."""
+    """Makes instances of one kind on one backend."""
 
     kind: str
+    backend: str
+    networks: Networks
 
     def check(self, spec: InstanceSpec) -> None:
         """Raise ConfigError for a spec this kind can never honour (checked at collection)."""
@@ -103,13 +132,13 @@ class Runtime(Protocol):
         spec: InstanceSpec,
         name: str,
         directory: Path,
-        images: ImageStore,
         network: NetworkAttachment | None,
     ) -> Machine:
         """Prepare an instance in ``directory`` (which exists); ``start()`` boots it.
 
-        ``network`` is its place on a host-only network (already leased, its bridge up), or
-        None for no network: the runtime plugs the instance in, its own way (a veth for
+        ``network`` is what ``networks.attach`` gave it: its place on a host-only network
+        (already leased, its bridge up), or None for no network (or a network the runtime
+        plugs in itself): the runtime plugs the instance in, its own way (a veth for
         containers and apps, a tap with virtio-net for VMs), and gives it that address, MAC
         and DNS server."""
         ...

@@ -52,6 +52,7 @@ from pytest_incus.images import vm as vm_images
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.network import links
 from pytest_incus.runtimes import accel, qemu, readiness, snapshot
+from pytest_incus.runtimes.local import LocalRuntime
 from pytest_incus.spec import VM_INITS, InstanceSpec
 from pytest_incus.values import ExecRequest, ExecResult, NetworkAttachment, Stat
 
@@ -93,7 +94,7 @@ class KvmFailure(InstanceStartError):
         self.reason = reason  # what QEMU said, in one line
 
 
-class VmRuntime:
+class VmRuntime(LocalRuntime):
     """Makes QEMU virtual machines."""
 
     kind = "vm"
@@ -122,11 +123,11 @@ class VmRuntime:
         spec: InstanceSpec,
         name: str,
         directory: Path,
-        images: ImageStore,
         network: NetworkAttachment | None,
     ) -> VirtualMachine:
         """Choose the accelerator, get the VM image and make the instance's overlay disk."""
-        settings = images.settings
+        images = self.context.images
+        settings = self.context.settings
         for sock in (AGENT_SOCKET, qemu.QMP_SOCKET):
             if not qemu.socket_path_ok(directory / sock):
                 raise InstanceStartError(
@@ -144,7 +145,7 @@ class VmRuntime:
         if chosen.name == "tcg" and settings.accel == "auto":
             _announce(
                 f"VMs run under TCG (emulation, much slower than KVM): {chosen.reason}",
-                images,
+                self.context.progress,
             )
         _make_overlay(name, directory, _pin(image.disk, directory / BASE))
         return VirtualMachine(spec, name, directory, image, chosen, images, network)
@@ -205,13 +206,13 @@ def _shell_loop(client: AgentClient, name: str) -> int:
             status = _run_shell_line(client, ["/bin/sh", "-c", line])
 
 
-def _announce(message: str, images: ImageStore) -> None:
-    """Say ``message`` once per process (on the terminal, through the store's progress)."""
+def _announce(message: str, progress: Callable[[str], None]) -> None:
+    """Say ``message`` once per process (on the terminal, through ``progress``)."""
     with _announce_lock:
         if message in _announced:
             return
         _announced.add(message)
-    images.progress(message)
+    progress(message)
 
 
 def _pin(disk: Path, link: Path) -> Path:
@@ -417,7 +418,7 @@ class VirtualMachine:
             f"KVM stopped a Linux guest ({failure.reason}) although the KVM probe passed: "
             "VMs run under TCG from now on (emulation, much slower than KVM), and this host's "
             f"verdict in {settings.cache_dir / accel.CACHE_FILE} says so until it reboots",
-            self._images,
+            self._images.progress,
         )
         self._console_note(f"KVM stopped this guest ({failure.reason}); booting it under TCG")
         if first:
@@ -646,6 +647,11 @@ class VirtualMachine:
         console = tail(self.logs())
         error.add_note("console log:\n" + (console or "(empty: the guest printed nothing)"))
         return error
+
+    @property
+    def ipv4(self) -> str | None:
+        """The address of its host-only network lease; None for no network."""
+        return None if self.network is None else self.network.address
 
     def running(self) -> bool:
         """True while QEMU runs."""

@@ -50,7 +50,7 @@ class Build:
 
     @property
     def work(self) -> Path:
-        return self.rootfs.with_name(self.rootfs.name + ".build")
+        return self.rootfs.with_name(derived.BUILD_WORK)
 
     def names(self) -> list[str]:
         """The build containers' names, from the progress lines."""
@@ -58,7 +58,7 @@ class Build:
 
     def run(self, base: Image, recipe: derived.Recipe, settings: Settings) -> None:
         derived.build(
-            base.rootfs,
+            base,
             self.rootfs,
             recipe,
             mirror=settings.mirror,
@@ -196,8 +196,7 @@ def test_a_step_past_its_deadline_is_killed_and_leaves_nothing(
     steps = [derived.Step("a step that hangs", "echo started; sleep 600", derived.BASE_ENV, 1.0)]
     with pytest.raises(ImageError, match="past its deadline of 1s") as caught:
         ContainerBuilder(settings_of_cache.cache_dir).build(
-            base.rootfs,
-            base.init,
+            base,
             steps,
             build.rootfs,
             work=build.work,
@@ -218,7 +217,7 @@ def test_an_interrupt_midway_leaves_nothing(
 
     with pytest.raises(KeyboardInterrupt):
         derived.build(
-            base.rootfs,
+            base,
             build.rootfs,
             derived.Recipe.make(run=["true", "true"]),
             mirror=settings_of_cache.mirror,

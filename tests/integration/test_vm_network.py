@@ -22,6 +22,7 @@ from pytest_incus.factory import InstanceFactory
 from pytest_incus.images import vm as vm_images
 from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.network import links
+from pytest_incus.runtimes.context import RuntimeContext
 from pytest_incus.runtimes.vm import VmRuntime
 from pytest_incus.settings import Settings
 from pytest_incus.spec import InstanceSpec
@@ -199,7 +200,9 @@ def test_the_shape_names_no_tap_and_no_mac_of_the_instance(image_store: ImageSto
         )
         taps.append(attachment.device)
         try:
-            machine = VmRuntime().create(spec, directory.name, directory, image_store, attachment)
+            machine = VmRuntime(RuntimeContext.of(image_store)).create(
+                spec, directory.name, directory, attachment
+            )
             assert f"ifname={attachment.device}," in " ".join(machine.qemu_argv())
             shapes.append(machine.machine_shape())
             machine.destroy()

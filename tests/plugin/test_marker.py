@@ -170,9 +170,9 @@ def test_k_selects_by_id(
 # Every kind runs on this host: a host that cannot run VMs is simulated by the inner run's
 # conftest, which makes the VM runtime say why not (what a host without QEMU would say).
 NO_VMS_HERE = """
-from pytest_incus.runtimes import RUNTIMES
+from pytest_incus.runtimes.vm import VmRuntime
 
-RUNTIMES["vm"].unavailable = lambda: "qemu-system-x86_64 is missing (simulated)"
+VmRuntime.unavailable = lambda self: "qemu-system-x86_64 is missing (simulated)"
 """
 
 

@@ -45,6 +45,11 @@ class LogMachine:
         self.log = log
         self.alive = True
         self.destroyed = False
+        self.network: NetworkAttachment | None = None
+
+    @property
+    def ipv4(self) -> str | None:
+        return None if self.network is None else self.network.address
 
     def running(self) -> bool:
         return self.alive
@@ -67,13 +72,13 @@ def make_instance(machine: LogMachine, network: NetworkAttachment | None = LOOPB
     spec = InstanceSpec.parse("container", "busybox", {}, where="test").with_defaults(
         max_processes=64, network="none" if network is None else network.network
     )
+    machine.network = network
     return Instance(
         machine,  # type: ignore[arg-type]  # a partial machine, enough for the waits
         spec,
         exec_timeout=0,
         on_delete=lambda inst: machine.destroy(),
         on_use=lambda inst: None,
-        network=network,
     )
 
 
@@ -108,7 +113,7 @@ def later(seconds: float, action: Any) -> threading.Thread:
     return thread
 
 
-def test_ipv4_is_the_attachments_address(machine: LogMachine) -> None:
+def test_ipv4_is_the_machines_address(machine: LogMachine) -> None:
     assert make_instance(machine).ipv4 == "127.0.0.1"
     assert make_instance(machine, network=None).ipv4 is None
 
