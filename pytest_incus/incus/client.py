@@ -36,13 +36,16 @@ from .transport import TLSTransport, Transport, UnixTransport, cert_fingerprint,
 WAIT_CHUNK = 30.0
 # What the HTTP timeout of a /wait request adds to its server-side timeout.
 WAIT_SLACK = 5.0
+# At most this long to connect (a host that drops our SYNs is unreachable, whatever the
+# request's own timeout): requests' timeout is then (connect, read).
+CONNECT_TIMEOUT = 10.0
 
 _Params = Mapping[str, str | int | float] | None
 
 
 def _reach_hint(transport: Transport) -> str:
     if isinstance(transport, UnixTransport):
-        return "start incusd (scripts/incus-setup.sh here), or give --incus-remote"
+        return "start incusd (the incus service), or give --incus-remote"
     return "check that incusd listens there (core.https_address), or give another --incus-remote"
 
 
@@ -278,6 +281,7 @@ class IncusClient:
         if project:
             query.setdefault("project", self.project)
         what = f"{method} {path}"
+        wait = self.timeout if timeout is None else timeout
         with translated(self.transport, what):
             response = self.session.request(
                 method,
@@ -287,7 +291,7 @@ class IncusClient:
                 data=data,
                 headers=headers,
                 stream=stream,
-                timeout=self.timeout if timeout is None else timeout,
+                timeout=(min(CONNECT_TIMEOUT, wait), wait),
                 allow_redirects=False,
             )
         if not 200 <= response.status_code < 300:
@@ -440,7 +444,7 @@ class IncusClient:
         op_id = operation_id.rstrip("/").rsplit("/", 1)[-1]
         path = f"/1.0/operations/{op_id}/websocket?secret={secret}"
         with translated(self.transport, f"websocket {path.split('?')[0]}"):
-            sock = self.transport.open_socket(self.timeout)
+            sock = self.transport.open_socket(min(CONNECT_TIMEOUT, self.timeout))
             try:
                 ws = websocket.create_connection(
                     self.transport.ws_base + path,

@@ -45,6 +45,7 @@ import urllib3.connectionpool
 import urllib3.exceptions
 import yaml
 from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
 from ..errors import ConfigError
@@ -54,6 +55,22 @@ DEFAULT_PORT = 8443  # Incus's registered port, what `incus remote add HOST` ass
 UNIX_BASE = "http+unix://incus"  # the scheme our adapter is mounted on; the host is not used
 # connections kept per pool: the exec readers and a runtime's calls may run in a few threads
 POOL_SIZE = 8
+
+
+def retries() -> Retry:
+    """Retry only what cannot have reached the server twice: a connection that could not be
+    made, or (GET and HEAD only) a kept-alive connection the server had closed just as we
+    reused it. Never a status: Incus's error answers are final."""
+    return Retry(
+        total=2,
+        connect=2,
+        read=1,
+        status=0,
+        redirect=0,
+        other=0,
+        allowed_methods=frozenset({"GET", "HEAD"}),
+        raise_on_status=False,
+    )
 
 
 def default_socket() -> Path:
@@ -119,7 +136,7 @@ class UnixAdapter(HTTPAdapter):
     """A requests adapter that sends every request to one unix socket."""
 
     def __init__(self, socket_path: str, pool_size: int = POOL_SIZE) -> None:
-        super().__init__(max_retries=0)
+        super().__init__(max_retries=retries())
         self.pool = UnixConnectionPool(socket_path, maxsize=pool_size, block=False)
 
     def get_connection_with_tls_context(
@@ -156,7 +173,7 @@ class PinnedAdapter(HTTPAdapter):
 
     def __init__(self, fingerprint: str, pool_size: int = POOL_SIZE) -> None:
         self.fingerprint = fingerprint  # before super().__init__, which builds the pool manager
-        super().__init__(pool_maxsize=pool_size, max_retries=0)
+        super().__init__(pool_maxsize=pool_size, max_retries=retries())
 
     def init_poolmanager(
         self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
@@ -265,7 +282,9 @@ class TLSTransport(Transport):
         if self.fingerprint is not None:
             session.mount(self.url + "/", PinnedAdapter(self.fingerprint))
         else:
-            session.mount(self.url + "/", HTTPAdapter(pool_maxsize=POOL_SIZE, max_retries=0))
+            session.mount(
+                self.url + "/", HTTPAdapter(pool_maxsize=POOL_SIZE, max_retries=retries())
+            )
         session.verify = self.verify
         if self.cert is not None and self.key is not None:
             session.cert = (str(self.cert), str(self.key))

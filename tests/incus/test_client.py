@@ -288,7 +288,10 @@ def _finish_exec(client: IncusClient, operation: dict[str, Any]) -> tuple[int, b
         sockets["0"].send_close()  # no stdin: EOF
         out = b""
         while True:
-            opcode, data = sockets["1"].recv_data(control_frame=False)
+            try:
+                opcode, data = sockets["1"].recv_data(control_frame=False)
+            except websocket.WebSocketConnectionClosedException:
+                break  # Incus may end a stream without a close frame
             if opcode == websocket.ABNF.OPCODE_CLOSE or not data:
                 break
             out += data
