@@ -311,6 +311,9 @@ class TLSTransport(Transport):
         return self.ca_bundle or requests.utils.DEFAULT_CA_BUNDLE_PATH
 
     def open_socket(self, timeout: float) -> socket.socket:
+        # We hand websocket-client a socket of our own instead of its sslopt: the pinned
+        # fingerprint is then checked before the handshake sends the operation's secret, with
+        # the same rule as the session's adapter, and the TLS session can be resumed.
         raw = socket.create_connection((self.host, self.port), timeout=timeout)
         try:
             # as urllib3 and websocket-client do on sockets of their own: small frames (stdin,
