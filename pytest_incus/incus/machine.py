@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pytest_incus")
 
 READY_POLL = 0.05
+LIVE = ("Running", "Stopping", "Freezing", "Frozen")  # statuses of an instance not yet down
 MOUNT_PREFIX = "pti-mount"  # the disk devices of the spec's mounts
 NO_IDMAP = "idmapping abilities are required"  # Incus, of a filesystem it cannot idmap
 STATE_POLL = 0.05
@@ -93,6 +94,7 @@ class IncusMachine:
         self._created = False
         self._address: str | None = None  # on its network, as placed
         self._started_once = False
+        self._console = b""  # the console log as read so far (see logs())
 
     @property
     def client(self) -> IncusClient:
@@ -345,11 +347,20 @@ class IncusMachine:
             if exc.status == 404 or "not found" in str(exc).lower():
                 return None
             raise
-        return str(instance.get("status")) if isinstance(instance, dict) else None
+        if not isinstance(instance, dict):
+            return None
+        status = str(instance.get("status"))
+        power = (instance.get("config") or {}).get("volatile.last_state.power")
+        if status == "Stopped" and power == "RUNNING":
+            # an init that ended by itself (poweroff -f): Incus says Stopped at once, then
+            # Running again for about 0.6 s while it handles the stop, and only then Stopped
+            # with last_state.power STOPPED; starting it before then fails
+            return "Stopping"
+        return status
 
     def running(self) -> bool:
-        """True while the instance runs on the server."""
-        return self._created and self._status() == "Running"
+        """True while the instance runs on the server (or is still going down)."""
+        return self._created and self._status() in LIVE
 
     def stop(self, timeout: float, force: bool) -> None:
         """Shut down cleanly within ``timeout`` seconds (Incus sends the init's halt signal),
@@ -357,7 +368,7 @@ class IncusMachine:
         if not self._created:
             return
         with self._errors("stopping it"):
-            if self._status() != "Running":
+            if self._status() not in LIVE:
                 return
             if not force:
                 try:
@@ -369,7 +380,7 @@ class IncusMachine:
                     )
                     return
                 except (ServerError, WaitTimeoutError):
-                    if self._status() != "Running":
+                    if self._status() not in LIVE:
                         return  # it stopped meanwhile (an app that ended, say)
             self.client.call(
                 "PUT",
@@ -411,13 +422,22 @@ class IncusMachine:
                     )
             except FileNotFoundError:
                 return ""
+        # Incus answers a running container's console with what was written since the last
+        # read (liblxc's ring buffer, then moved to the log file), and a stopped one's with the
+        # whole log file, every boot's: so what it says is added to what was read before,
+        # unless it is that whole file (it starts with everything read so far). While a
+        # container ends the endpoint may fail ("connection refused", HTTP 500): what was read
+        # so far is the log then.
         try:
             response = self.client.request("GET", f"{self._path}/console")
-        except ServerError as exc:
-            if exc.status == 404:
-                return ""
-            raise
-        return response.content.decode("utf-8", "replace")
+        except ServerError:
+            return self._console.decode("utf-8", "replace")
+        data = response.content
+        if self._console and data.startswith(self._console):
+            self._console = data
+        else:
+            self._console += data
+        return self._console.decode("utf-8", "replace")
 
     def wait(self, timeout: float | None) -> int:
         """An app: wait for its program to end (Incus then stops the container); its exit
@@ -431,7 +451,7 @@ class IncusMachine:
             raise NotRunningError(f"wait(): app {self.name} was never started; start() it")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._errors("waiting for it"):
-            while self._status() == "Running":
+            while self._status() in LIVE:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise WaitTimeoutError(
                         f"wait(timeout={timeout}): app {self.name} still runs after "
