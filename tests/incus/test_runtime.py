@@ -210,11 +210,14 @@ def test_a_vm_is_refused_with_incus_own_reason(
 
 
 def test_options_incus_cannot_honour_are_config_errors(
-    runtimes: dict[str, IncusRuntime],
+    runtimes: dict[str, IncusRuntime], tmp_path: Path
 ) -> None:
-    spec = InstanceSpec.parse("vm", "debian/12", {"init": "agent"}, where="test")
-    with pytest.raises(ConfigError, match="init='agent' is not supported"):
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"")
+    spec = InstanceSpec.parse("vm", "debian/12", {"kernel": str(kernel)}, where="test")
+    with pytest.raises(ConfigError, match="kernel= is not supported"):
         runtimes["vm"].check(spec)
+    runtimes["vm"].check(InstanceSpec.parse("vm", "debian/12", {"init": "agent"}, where="t"))
     spec = InstanceSpec.parse("container", "busybox", {"memory": "1MiB"}, where="test")
     with pytest.raises(ConfigError, match="too little"):  # the local runtime's own check
         runtimes["container"].check(spec)
@@ -295,7 +298,9 @@ def test_an_app_runs_its_program_and_wait_gives_its_exit_code(
     assert m.wait(30) == 7
     assert not m.running()
     assert "out app" in m.logs() and "err" in m.logs()
-    long = machine(app_runtime, made, tmp_path, image=image, command=["/bin/busybox", "sleep", "30"])
+    long = machine(
+        app_runtime, made, tmp_path, image=image, command=["/bin/busybox", "sleep", "30"]
+    )
     long.start()
     assert long.running()
     with pytest.raises(WaitTimeoutError):
