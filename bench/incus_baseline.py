@@ -1,6 +1,6 @@
 """Measure a real Incus daemon as a baseline for pytest-incus.
 
-Incus is installed and started by ``bench/incus_setup.sh``. This module only drives
+Incus is installed and started by ``scripts/incus-setup.sh``. This module only drives
 the ``incus`` command-line client, through :mod:`subprocess` with timeouts, so
 what it measures is what a user of Incus sees: the client, the REST API over the
 unix socket, the daemon and liblxc.
@@ -143,13 +143,13 @@ def incus_available() -> str | None:
         one-line reason (what to run to fix it, where that is known).
     """
     if shutil.which(INCUS) is None:
-        return "the incus client is not installed (run bench/incus_setup.sh as root)"
+        return "the incus client is not installed (run scripts/incus-setup.sh as root)"
     try:
         server = _query("/1.0")
         profile = _query("/1.0/profiles/default")
     except (IncusError, subprocess.TimeoutExpired, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return f"the incus daemon does not answer (run bench/incus_setup.sh): {first}"
+        return f"the incus daemon does not answer (run scripts/incus-setup.sh): {first}"
     if not isinstance(server, dict) or server.get("auth") != "trusted":
         return "the incus daemon does not trust this user (run as root)"
     env = server.get("environment") or {}
@@ -162,7 +162,7 @@ def incus_available() -> str | None:
         for dev in devices.values()
     )
     if not has_root:
-        return "the default incus profile has no root disk (run bench/incus_setup.sh)"
+        return "the default incus profile has no root disk (run scripts/incus-setup.sh)"
     return None
 
 

@@ -19,6 +19,18 @@ pytest_plugins = ["pytester"]
 SCRATCH_ROOT = Path("/var/cache/pytest-incus-tests")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--incus-backend=incus``, skip the tests that look at what only the local
+    backend has, with their reason (the README lists them)."""
+    if config.stash[SETTINGS].backend == "local":
+        return
+    for item in items:
+        marker = item.get_closest_marker("local_only")
+        if marker is not None:
+            reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
+            item.add_marker(pytest.mark.skip(reason=f"local backend only: {reason}"))
+
+
 @pytest.fixture(scope="session")
 def settings(pytestconfig: pytest.Config) -> Settings:
     """The settings of this run (its shared image cache)."""

@@ -117,10 +117,15 @@ class RemoteImage:
     rootfs: RemoteFile
 
 
-def host_arch() -> str:
-    """This host's architecture as simplestreams names it (amd64, arm64, ...)."""
-    machine = platform.machine()
+def arch_name(machine: str) -> str:
+    """The architecture the kernel calls ``machine`` (x86_64, aarch64), as simplestreams
+    names it (amd64, arm64, ...)."""
     return _ARCHES.get(machine.lower(), machine.lower())
+
+
+def host_arch() -> str:
+    """This host's architecture as simplestreams names it."""
+    return arch_name(platform.machine())
 
 
 # -- requests, translated once --------------------------------------------------------------

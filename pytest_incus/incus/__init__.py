@@ -1,1 +1,1 @@
-"""The ``incus`` backend: instances on an Incus server or cluster, over its REST API."""
+"""The ``incus`` backend: the same instances on an Incus server or cluster, over its REST API."""

@@ -83,7 +83,7 @@ class AppRuntime(ContainerRuntime):
         the image has that program, ``App`` checks)."""
 
 
-def _ids(rootfs: Path, user: str) -> tuple[int, int]:
+def user_ids(rootfs: Path, user: str) -> tuple[int, int]:
     """uid and gid of an OCI ``User`` ("name", "uid", "name:group", "uid:gid"), looked up in
     the image's own passwd and group files (read as files of the image, never the host's)."""
     if not user:
@@ -171,7 +171,7 @@ class App(Container):
         super().__init__(spec, name, directory, image, hook, network)
 
     def _extra_config(self) -> list[str]:
-        uid, gid = _ids(self.image.rootfs, self.config.user)
+        uid, gid = user_ids(self.image.rootfs, self.config.user)
         # the loopback interface up, as container engines give it (a system container's init
         # brings it up itself; an app's program does not)
         lines = ["lxc.net.0.flags = up", f"lxc.init.uid = {uid}", f"lxc.init.gid = {gid}"]

@@ -117,6 +117,10 @@ def cache_args(cache: Path) -> list[str]:
     return [f"--incus-cache-dir={cache}", "-p", "no:cacheprovider", *QUIET_PLUGINS]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class InnerRun:
     """An inner pytest run in a session of its own (so that its process group is only it and
     its workers), its output in a file."""
@@ -131,6 +135,9 @@ class InnerRun:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # a run started in the background (`make test &`, a CI runner) inherits SIGINT
+            # ignored, and Python then keeps it ignored: the inner run must get Ctrl-C's
+            preexec_fn=_default_sigint,
         )
 
     def output(self) -> str:
