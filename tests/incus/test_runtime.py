@@ -1,4 +1,5 @@
-"""The incus backend's runtimes and machines against the real incusd of this host.
+"""The incus backend's runtimes and machines against the real incusd of this host, in the
+suite's project (tests/incus/conftest.py).
 
 Each test names its instances ``pti-rt-<hex>`` and deletes them at its end (the fixture
 ``made`` deletes whatever a failing test left). Images come from ``IncusImages`` on the shared
@@ -33,9 +34,11 @@ SCRATCH = Path("/var/lib/pti-runtime")
 
 
 @pytest.fixture(scope="module")
-def runtimes() -> Iterator[dict[str, IncusRuntime]]:
+def runtimes(incus_client: IncusClient) -> Iterator[dict[str, IncusRuntime]]:
     """The incus backend's runtimes, on the shared image cache."""
-    settings = Settings(cache_dir=default_cache_dir(), backend="incus")
+    settings = Settings(
+        cache_dir=default_cache_dir(), backend="incus", project=incus_client.project
+    )
     context = RuntimeContext.of(ImageStore(settings))
     found = {r.kind: r for r in incus_runtimes(context) if isinstance(r, IncusRuntime)}
     assert sorted(found) == ["app", "container", "vm"]
@@ -262,11 +265,11 @@ def test_a_systemd_image_is_ready_when_systemd_says_so(
 
 
 @pytest.fixture
-def app_runtime(scratch_cache: Path) -> Iterator[IncusRuntime]:
+def app_runtime(scratch_cache: Path, incus_client: IncusClient) -> Iterator[IncusRuntime]:
     """The app runtime of a private cache, holding an OCI layout with busybox; the images it
     uploads are deleted afterwards (they are of this test's private cache)."""
     build_image(scratch_cache / "layout", "app")
-    settings = Settings(cache_dir=scratch_cache, backend="incus")
+    settings = Settings(cache_dir=scratch_cache, backend="incus", project=incus_client.project)
     runtime = next(
         r
         for r in incus_runtimes(RuntimeContext.of(ImageStore(settings)))
