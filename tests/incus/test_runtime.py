@@ -95,7 +95,9 @@ def run(m: IncusMachine, *argv: str) -> str:
 def test_life_cycle_of_a_busybox_container(
     runtimes: dict[str, IncusRuntime], client: IncusClient, made: list[str], tmp_path: Path
 ) -> None:
-    m = machine(runtimes["container"], made, tmp_path, env={"PTI_RT": "yes"}, memory="64MiB")
+    m = machine(
+        runtimes["container"], made, tmp_path, env={"PTI_RT": "yes"}, memory="64MiB", cpus=1
+    )
     assert not m.running()
     m.start()
     assert m.running()
@@ -104,6 +106,8 @@ def test_life_cycle_of_a_busybox_container(
     info = client.call("GET", f"/1.0/instances/{m.name}")
     config = info["config"]
     assert config["limits.memory"] == str(64 << 20)
+    assert config["limits.cpu"] == "0-0"  # pinned as on the local backend
+    assert run(m, "grep", "Cpus_allowed_list", "/proc/self/status").split()[1] == "0"
     assert config["limits.processes"] == "256"
     assert config["environment.PTI_RT"] == "yes"
     m.stop(10, False)
