@@ -130,7 +130,9 @@ class IncusMachine:
         spec = self.spec
         config: dict[str, str] = {}
         if spec.cpus is not None:
-            config["limits.cpu"] = str(spec.cpus)
+            # CPUs 0 to N-1, as the local backend pins them (a bare count would let Incus
+            # balance them over the server's CPUs: which ones the instance sees would vary)
+            config["limits.cpu"] = f"0-{spec.cpus - 1}"
         if spec.memory is not None:
             config["limits.memory"] = str(spec.memory)  # bytes: Incus takes a plain number
         if spec.processes is not None and spec.kind != "vm":

@@ -152,7 +152,10 @@ class IncusRuntime:
         return self.server.vm_refusal()
 
     def check(self, spec: InstanceSpec) -> None:
-        """The local runtime's checks of the kind, and the options Incus cannot honour."""
+        """The local runtime's checks of the kind, and the options Incus cannot honour: a VM's
+        own kernel, initrd or command line (an Incus VM boots its image's kernel through its
+        firmware). ``init="agent"``, a way to boot faster, is taken as a hint: an Incus VM boots
+        its image's init, and is ready when systemd says so, as ``init="systemd"`` is."""
         self._local.check(spec)
         if spec.kind == "vm":
             for option, value in (
@@ -166,12 +169,6 @@ class IncusRuntime:
                         "boots its image's own kernel; leave it out, or use "
                         "--incus-backend=local"
                     )
-            if spec.init == "agent":
-                raise ConfigError(
-                    "init='agent' is not supported with --incus-backend=incus: an Incus VM "
-                    "boots its image's init and Incus's own agent; leave it out, or use "
-                    "--incus-backend=local"
-                )
 
     def unavailable(self) -> str | None:
         """None if the server can run this kind; else why not and what to do."""

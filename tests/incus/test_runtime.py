@@ -1,4 +1,5 @@
-"""The incus backend's runtimes and machines against the real incusd of this host.
+"""The incus backend's runtimes and machines against the real incusd of this host, in the
+suite's project (tests/incus/conftest.py).
 
 Each test names its instances ``pti-rt-<hex>`` and deletes them at its end (the fixture
 ``made`` deletes whatever a failing test left). Images come from ``IncusImages`` on the shared
@@ -33,9 +34,11 @@ SCRATCH = Path("/var/lib/pti-runtime")
 
 
 @pytest.fixture(scope="module")
-def runtimes() -> Iterator[dict[str, IncusRuntime]]:
+def runtimes(incus_client: IncusClient) -> Iterator[dict[str, IncusRuntime]]:
     """The incus backend's runtimes, on the shared image cache."""
-    settings = Settings(cache_dir=default_cache_dir(), backend="incus")
+    settings = Settings(
+        cache_dir=default_cache_dir(), backend="incus", project=incus_client.project
+    )
     context = RuntimeContext.of(ImageStore(settings))
     found = {r.kind: r for r in incus_runtimes(context) if isinstance(r, IncusRuntime)}
     assert sorted(found) == ["app", "container", "vm"]
@@ -92,7 +95,9 @@ def run(m: IncusMachine, *argv: str) -> str:
 def test_life_cycle_of_a_busybox_container(
     runtimes: dict[str, IncusRuntime], client: IncusClient, made: list[str], tmp_path: Path
 ) -> None:
-    m = machine(runtimes["container"], made, tmp_path, env={"PTI_RT": "yes"}, memory="64MiB")
+    m = machine(
+        runtimes["container"], made, tmp_path, env={"PTI_RT": "yes"}, memory="64MiB", cpus=1
+    )
     assert not m.running()
     m.start()
     assert m.running()
@@ -101,6 +106,8 @@ def test_life_cycle_of_a_busybox_container(
     info = client.call("GET", f"/1.0/instances/{m.name}")
     config = info["config"]
     assert config["limits.memory"] == str(64 << 20)
+    assert config["limits.cpu"] == "0-0"  # pinned as on the local backend
+    assert run(m, "grep", "Cpus_allowed_list", "/proc/self/status").split()[1] == "0"
     assert config["limits.processes"] == "256"
     assert config["environment.PTI_RT"] == "yes"
     m.stop(10, False)
@@ -210,11 +217,14 @@ def test_a_vm_is_refused_with_incus_own_reason(
 
 
 def test_options_incus_cannot_honour_are_config_errors(
-    runtimes: dict[str, IncusRuntime],
+    runtimes: dict[str, IncusRuntime], tmp_path: Path
 ) -> None:
-    spec = InstanceSpec.parse("vm", "debian/12", {"init": "agent"}, where="test")
-    with pytest.raises(ConfigError, match="init='agent' is not supported"):
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"")
+    spec = InstanceSpec.parse("vm", "debian/12", {"kernel": str(kernel)}, where="test")
+    with pytest.raises(ConfigError, match="kernel= is not supported"):
         runtimes["vm"].check(spec)
+    runtimes["vm"].check(InstanceSpec.parse("vm", "debian/12", {"init": "agent"}, where="t"))
     spec = InstanceSpec.parse("container", "busybox", {"memory": "1MiB"}, where="test")
     with pytest.raises(ConfigError, match="too little"):  # the local runtime's own check
         runtimes["container"].check(spec)
@@ -259,11 +269,11 @@ def test_a_systemd_image_is_ready_when_systemd_says_so(
 
 
 @pytest.fixture
-def app_runtime(scratch_cache: Path) -> Iterator[IncusRuntime]:
+def app_runtime(scratch_cache: Path, incus_client: IncusClient) -> Iterator[IncusRuntime]:
     """The app runtime of a private cache, holding an OCI layout with busybox; the images it
     uploads are deleted afterwards (they are of this test's private cache)."""
     build_image(scratch_cache / "layout", "app")
-    settings = Settings(cache_dir=scratch_cache, backend="incus")
+    settings = Settings(cache_dir=scratch_cache, backend="incus", project=incus_client.project)
     runtime = next(
         r
         for r in incus_runtimes(RuntimeContext.of(ImageStore(settings)))
@@ -295,7 +305,9 @@ def test_an_app_runs_its_program_and_wait_gives_its_exit_code(
     assert m.wait(30) == 7
     assert not m.running()
     assert "out app" in m.logs() and "err" in m.logs()
-    long = machine(app_runtime, made, tmp_path, image=image, command=["/bin/busybox", "sleep", "30"])
+    long = machine(
+        app_runtime, made, tmp_path, image=image, command=["/bin/busybox", "sleep", "30"]
+    )
     long.start()
     assert long.running()
     with pytest.raises(WaitTimeoutError):
