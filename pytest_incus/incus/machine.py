@@ -1,0 +1,434 @@
+"""One instance on an Incus server: the incus backend's ``Machine``.
+
+The instance is created on the server at its first ``start()`` (POST /1.0/instances, in the
+client's project, on ``--incus-target`` if given), from the source the images module gives, with
+the spec's limits as Incus config keys, the ``user.pytest-incus.*`` keys of ``owners``, the
+spec's mounts as disk devices and its network as a nic (``networks``). Then each ``start()`` is
+PUT .../state start, and readiness follows the rule of every kind: a systemd init is ready when
+``systemctl is-system-running`` says running or degraded (``runtimes.readiness``), any other init
+at once, an app as soon as it runs.
+
+Commands go through ``incus.exec``, files through ``incus.files``. Server errors are translated
+here, once: an instance gone from the server is NotRunningError, a name taken ConfigError, a
+type the server cannot run UnavailableError with Incus's own words.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pytest_incus.errors import (
+    ConfigError,
+    IncusError,
+    InstanceStartError,
+    NotRunningError,
+    ServerError,
+    UnavailableError,
+    WaitTimeoutError,
+    tail,
+)
+from pytest_incus.incus import exec as incus_exec
+from pytest_incus.incus import files, owners
+from pytest_incus.incus.images import APP_EXIT, APP_LOG
+from pytest_incus.ownership import Owner
+from pytest_incus.runtimes import readiness
+from pytest_incus.spec import InstanceSpec
+from pytest_incus.values import ExecRequest, ExecResult, Stat
+
+if TYPE_CHECKING:
+    from pytest_incus.incus.client import IncusClient
+    from pytest_incus.incus.images import Source
+    from pytest_incus.incus.runtime import IncusRuntime
+
+READY_POLL = 0.05
+STATE_POLL = 0.05
+INIT_PROBE = 'read c < /proc/1/comm; echo "$c"'  # shell builtins only: any POSIX sh does it
+
+
+def refused_type(exc: ServerError) -> bool:
+    """True if Incus refused the instance type itself (no driver for it on the server)."""
+    return "is not supported on this server" in str(exc)
+
+
+def name_taken(exc: ServerError) -> bool:
+    """True if Incus refused a create because the name is taken (Incus 6.0 says so with a
+    database error and status 500, not 409)."""
+    text = str(exc)
+    return exc.status == 409 or "UNIQUE constraint failed" in text or "already exists" in text
+
+
+class IncusMachine:
+    """One instance on an Incus server."""
+
+    def __init__(
+        self, runtime: IncusRuntime, spec: InstanceSpec, name: str, directory: Path
+    ) -> None:
+        self.runtime = runtime
+        self.spec = spec
+        self.name = name
+        self.directory = directory  # the local record's; nothing of the instance is here
+        self.owner = Owner.current()
+        self._source: Source | None = None
+        self._created = False
+        self._address: str | None = None  # on its network, as placed
+        self._started_once = False
+
+    @property
+    def client(self) -> IncusClient:
+        """The server's client."""
+        return self.runtime.client
+
+    @property
+    def _path(self) -> str:
+        return f"/1.0/instances/{self.name}"
+
+    @property
+    def _where(self) -> str:
+        return f"{self.spec.kind} {self.name} on Incus server {self.client.remote}"
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """The one translation of server errors for this instance: gone -> NotRunningError."""
+        try:
+            yield
+        except ServerError as exc:
+            if exc.status == 404 or "Instance not found" in str(exc):
+                raise NotRunningError(
+                    f"{self._where}: {what}: the instance is gone from the server (deleted "
+                    "outside the plugin?); launch a new one",
+                    exc=exc,
+                ) from exc
+            raise
+
+    # -- creation ---------------------------------------------------------------------------
+
+    def _request(self, source: Source) -> dict[str, Any]:
+        """The body of POST /1.0/instances."""
+        spec = self.spec
+        config: dict[str, str] = {}
+        if spec.cpus is not None:
+            config["limits.cpu"] = str(spec.cpus)
+        if spec.memory is not None:
+            config["limits.memory"] = str(spec.memory)  # bytes: Incus takes a plain number
+        if spec.processes is not None and spec.kind != "vm":
+            config["limits.processes"] = str(spec.processes)
+        if spec.kind != "vm":
+            config["security.privileged"] = "true" if spec.privileged else "false"
+        for key, value in spec.env.items():
+            config[f"environment.{key}"] = value
+        config.update(source.config)
+        config.update(owners.owner_config(spec.kind, spec.image, self.owner))
+        devices: dict[str, dict[str, str]] = {}
+        for i, (host, inside) in enumerate(sorted(spec.mounts.items())):
+            # the source is a path of the SERVER's: on this host's own Incus that is this
+            # host's path, as the local backend's mounts are; on a remote server it must exist
+            # there
+            disk = {"type": "disk", "source": host, "path": inside, "readonly": "true"}
+            if not spec.privileged:
+                disk["shift"] = "true"  # root-owned files stay root's inside, as locally
+            devices[f"pti-mount{i}"] = disk
+        return {
+            "name": self.name,
+            "type": "virtual-machine" if spec.kind == "vm" else "container",
+            "source": source.source,
+            "config": config,
+            "devices": devices,
+        }
+
+    def _create(self, deadline: float) -> None:
+        if self.spec.kind == "vm" and (reason := self.runtime.vm_refusal()):
+            raise UnavailableError(f"cannot launch kind='vm' {self.name}: {reason}")
+        if self._status() is not None:
+            raise self._taken()
+        self._source = self.runtime.images.source(self.spec)
+        body = self._request(self._source)
+        network = self.spec.network
+        if network and network != "none":
+            with self.runtime.incus_networks.placing(network, self.name) as placement:
+                body["devices"]["eth0"] = placement.device
+                raw = [body["config"].get("raw.lxc", ""), placement.raw_lxc]
+                body["config"]["raw.lxc"] = "\n".join(line for line in raw if line)
+                operation = self._post(body)
+                self._await_record(operation, deadline)
+            self._address = placement.address
+            self._wait_created(operation, deadline)
+            files.write_file(
+                self.client, self.name, "/etc/resolv.conf", placement.resolv_conf.encode(), 0o644
+            )
+        else:
+            self._wait_created(self._post(body), deadline)
+        self._created = True
+
+    def _taken(self) -> ConfigError:
+        return ConfigError(
+            f"an instance named {self.name!r} already exists on Incus server "
+            f"{self.client.remote}; choose another name, or remove it with: incus delete "
+            f"--force {self.name}"
+        )
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        params = {"target": self.runtime.settings.target} if self.runtime.settings.target else None
+        try:
+            return self.client.start("POST", "/1.0/instances", json=body, params=params)
+        except ServerError as exc:
+            raise self._create_error(exc) from exc
+
+    def _create_error(self, exc: ServerError) -> IncusError:
+        if name_taken(exc):
+            return self._taken()
+        if refused_type(exc):
+            return UnavailableError(
+                f"cannot launch kind={self.spec.kind!r} {self.name}: Incus server "
+                f"{self.client.remote} refused it: {exc}; run this kind on a server that "
+                "supports it, or with --incus-backend=local",
+                exc=exc,
+            )
+        return InstanceStartError(
+            f"{self._where} (image {self.spec.image}): creating it failed: {exc}", exc=exc
+        )
+
+    def _await_record(self, operation: dict[str, Any], deadline: float) -> None:
+        """Return once the instance's record exists on the server (so its nic's address shows
+        in the network's leases), or its creation has ended."""
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ServerError):
+                self.client.call("GET", self._path)
+                return
+            done = self.client.wait(str(operation["id"]), timeout=0)
+            if done.get("status") != "Running":
+                return
+            time.sleep(STATE_POLL)
+
+    def _wait_created(self, operation: dict[str, Any], deadline: float) -> None:
+        try:
+            done = self.client.wait(
+                str(operation["id"]), timeout=max(1.0, deadline - time.monotonic())
+            )
+        except ServerError as exc:
+            raise self._create_error(exc) from exc
+        if done.get("status") == "Running":
+            raise self._start_error(
+                f"Incus did not create it within boot_timeout={self.spec.boot_timeout}s "
+                f"(operation {operation['id']} still runs)"
+            )
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create it on the server (the first time), start it, wait until it is ready."""
+        deadline = time.monotonic() + self.spec.boot_timeout
+        if not self._created:
+            self._create(deadline)
+        try:
+            with self._errors("starting it"):
+                self.client.call(
+                    "PUT",
+                    f"{self._path}/state",
+                    json={"action": "start", "timeout": -1},
+                    timeout=max(1.0, deadline - time.monotonic()),
+                )
+        except WaitTimeoutError as exc:
+            raise self._start_error(
+                f"Incus did not start it within boot_timeout={self.spec.boot_timeout}s"
+            ) from exc
+        except ServerError as exc:
+            raise self._start_error(f"Incus could not start it: {exc}") from exc
+        self._started_once = True
+        if self.spec.kind == "app":
+            return  # ready as soon as it runs (or has run): wait() and logs() tell
+        self._wait_ready(deadline)
+
+    def _wait_ready(self, deadline: float) -> None:
+        shell = self._source.shell if self._source else None
+        init = ""
+        if shell is not None:
+            request = ExecRequest((shell, "-c", INIT_PROBE), {}, "/", None, None, 10.0)
+            try:
+                init = self.exec(request).stdout.strip()
+            except IncusError as exc:
+                raise self._start_error(f"no command could run in it: {exc}") from exc
+        if init == "systemd":
+            readiness.wait_for_systemd(
+                self.exec,
+                self.running,
+                self._start_error,
+                deadline=deadline,
+                boot_timeout=self.spec.boot_timeout,
+                poll=READY_POLL,
+            )
+        elif not self.running():
+            raise self._start_error("its init exited at once; is its /sbin/init a working init?")
+
+    def _start_error(self, what: str) -> InstanceStartError:
+        error = InstanceStartError(f"{self._where} (image {self.spec.image}): {what}")
+        console = ""
+        with contextlib.suppress(IncusError):
+            console = tail(self.logs())
+        error.add_note("console log:\n" + (console or "(empty: init printed nothing yet)"))
+        return error
+
+    def _status(self) -> str | None:
+        """The server's status of the instance ("Running", "Stopped", ...); None if gone."""
+        try:
+            state = self.client.call("GET", f"{self._path}/state")
+        except ServerError as exc:
+            if exc.status == 404 or "not found" in str(exc).lower():
+                return None
+            raise
+        return str(state.get("status")) if isinstance(state, dict) else None
+
+    def running(self) -> bool:
+        """True while the instance runs on the server."""
+        return self._created and self._status() == "Running"
+
+    def stop(self, timeout: float, force: bool) -> None:
+        """Shut down cleanly within ``timeout`` seconds (Incus sends the init's halt signal),
+        then kill; or kill at once."""
+        if not self._created:
+            return
+        with self._errors("stopping it"):
+            if self._status() != "Running":
+                return
+            if not force:
+                try:
+                    self.client.call(
+                        "PUT",
+                        f"{self._path}/state",
+                        json={"action": "stop", "timeout": max(1, round(timeout))},
+                        timeout=timeout + 10,
+                    )
+                    return
+                except (ServerError, WaitTimeoutError):
+                    if self._status() != "Running":
+                        return  # it stopped meanwhile (an app that ended, say)
+            self.client.call(
+                "PUT",
+                f"{self._path}/state",
+                json={"action": "stop", "force": True, "timeout": -1},
+                timeout=owners.STOP_TIMEOUT,
+            )
+
+    def destroy(self) -> None:
+        """Force stop and delete it on the server; nothing if it is already gone."""
+        owners.delete_instance(self.client, self.name)
+        self._created = False
+
+    @property
+    def ipv4(self) -> str | None:
+        """Its address on its network, as the server reports it (the placed one until then);
+        None for no network."""
+        if self._address is None:
+            return None
+        with contextlib.suppress(IncusError):
+            state = self.client.call("GET", f"{self._path}/state")
+            eth0 = ((state or {}).get("network") or {}).get("eth0") or {}
+            for address in eth0.get("addresses") or []:
+                if address.get("family") == "inet" and address.get("scope") == "global":
+                    return str(address["address"])
+        return self._address
+
+    def logs(self) -> str:
+        """The console log: the messages of init, every boot's (Incus keeps it across
+        restarts). For an app, its stdout and stderr, which its init wrapper appends to
+        ``APP_LOG`` (``incus.images``), read through the files API (also once it stopped)."""
+        if not self._created:
+            return ""
+        if self.spec.kind == "app":
+            try:
+                with self._errors("reading its log"):
+                    return files.read_file(self.client, self.name, APP_LOG).decode(
+                        "utf-8", "replace"
+                    )
+            except FileNotFoundError:
+                return ""
+        try:
+            response = self.client.request("GET", f"{self._path}/console")
+        except ServerError as exc:
+            if exc.status == 404:
+                return ""
+            raise
+        return response.content.decode("utf-8", "replace")
+
+    def wait(self, timeout: float | None) -> int:
+        """An app: wait for its program to end (Incus then stops the container); its exit
+        code, which the app's init wrapper records in ``APP_EXIT``."""
+        if self.spec.kind != "app":
+            raise ConfigError(
+                f"{self.spec.kind} {self.name}: wait() is for kind='app' instances; a system "
+                "container's init runs until it is stopped (use stop())"
+            )
+        if not self._started_once:
+            raise NotRunningError(f"wait(): app {self.name} was never started; start() it")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._errors("waiting for it"):
+            while self._status() == "Running":
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise WaitTimeoutError(
+                        f"wait(timeout={timeout}): app {self.name} still runs after "
+                        f"{timeout}s; wait longer, or stop() it"
+                    )
+                time.sleep(STATE_POLL)
+            try:
+                text = files.read_file(self.client, self.name, APP_EXIT).decode().strip()
+                return int(text)
+            except (FileNotFoundError, ValueError) as exc:
+                raise IncusError(
+                    f"app {self.name} has ended, but its exit code was not recorded in "
+                    f"{APP_EXIT} (stopped from outside before its program ended?)",
+                    exc=exc,
+                ) from exc
+
+    # -- inside -----------------------------------------------------------------------------
+
+    def _need_running(self, what: str) -> None:
+        if not self._created:
+            raise NotRunningError(f"{self._where}: {what}: it was never started; start() it")
+
+    def exec(self, request: ExecRequest) -> ExecResult:
+        """Run a command inside (``incus.exec``)."""
+        self._need_running("exec")
+        shell = self._source.shell if self._source else None
+        with self._errors(f"exec {list(request.argv)!r}"):
+            return incus_exec.run(
+                self.client, self.name, request, shell=shell, read_file=self.read_file
+            )
+
+    def read_file(self, path: str) -> bytes:
+        """The content of ``path`` inside."""
+        self._need_running("read_file")
+        with self._errors(f"reading {path}"):
+            return files.read_file(self.client, self.name, path)
+
+    def write_file(self, path: str, data: bytes, mode: int) -> None:
+        """Create or replace ``path`` inside."""
+        self._need_running("write_file")
+        with self._errors(f"writing {path}"):
+            files.write_file(self.client, self.name, path, data, mode)
+
+    def stat(self, path: str) -> tuple[Stat, Stat] | None:
+        """(lstat, stat) of ``path`` inside, or None."""
+        self._need_running("stat")
+        with self._errors(f"stat {path}"):
+            return files.stat(self.client, self.name, path)
+
+    def sha256(self, path: str) -> str:
+        """The sha256 of the file at ``path`` inside."""
+        self._need_running("sha256")
+        with self._errors(f"sha256 {path}"):
+            return files.sha256(self.client, self.name, path)
+
+    def put_archive(self, archive: bytes, dest: str, is_tree: bool) -> None:
+        """Unpack a push's archive at ``dest`` inside."""
+        self._need_running("push")
+        with self._errors(f"pushing to {dest}"):
+            files.put_archive(self.client, self.name, archive, dest, is_tree)
+
+    def get_archive(self, path: str) -> bytes:
+        """A tar of ``path`` inside."""
+        self._need_running("pull")
+        with self._errors(f"pulling {path}"):
+            return files.get_archive(self.client, self.name, path)
