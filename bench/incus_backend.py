@@ -155,7 +155,9 @@ class RestExec:
         try:
             for key in ("control", "0", "1", "2"):
                 sockets.append(self._websocket(op_id, fds[key]))
-            sockets[1].send_close()  # end of stdin
+            # end of stdin; a command that is done already has had its stdin closed
+            with contextlib.suppress(ConnectionError):
+                sockets[1].send_close()
             for ws in sockets[2:]:
                 _read_to_end(ws)
             done = self.session.get(
@@ -167,7 +169,8 @@ class RestExec:
             return int(done.json()["metadata"]["metadata"]["return"])
         finally:
             for ws in sockets:
-                ws.close(timeout=0.2)
+                with contextlib.suppress(OSError, websocket.WebSocketException):
+                    ws.close(timeout=0.2)
 
     def close(self) -> None:
         """Close the session's connections."""
