@@ -12,12 +12,13 @@ set -euo pipefail
 # DNS server; not the `dnsmasq` package, which adds a system-wide service);
 # images: from simplestreams servers: squashfs-tools (unsquashfs, and mksquashfs for the tests'
 # images) and incus-extra (incus-simplestreams, which writes the tests' image trees; only in
-# bookworm-backports, whose source is added if no apt source names it)
+# bookworm-backports, whose source is added if no apt source names it);
+# the incus backend's cluster tests: jq (scripts/incus-cluster.sh reads Incus's JSON)
 PACKAGES=(lxc lxc-dev pkg-config debootstrap busybox-static uidmap
           qemu-system-x86 qemu-utils e2fsprogs lz4 zstd
           skopeo umoci docker-registry openssl apache2-utils
           iproute2 nftables dnsmasq-base
-          squashfs-tools incus-extra)
+          squashfs-tools incus-extra jq)
 BACKPORTS_ONLY=(incus-extra)
 BACKPORTS_LIST=/etc/apt/sources.list.d/bookworm-backports.list
 ID_RANGE=1000000-1065535  # host ids of root..65535 inside unprivileged containers

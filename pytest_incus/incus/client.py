@@ -17,12 +17,10 @@ for every new reader thread.
 
 from __future__ import annotations
 
-import logging
 import ssl
-import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +31,21 @@ from ..errors import ServerError, UnavailableError, WaitTimeoutError
 from ..settings import Settings
 from .transport import TLSTransport, Transport, UnixTransport, cert_fingerprint, transport_for
 
-log = logging.getLogger("pytest_incus")
-
 # One /wait request waits at most this long on the server; longer waits loop, so a dead
 # connection is noticed and the caller's deadline is kept.
 WAIT_CHUNK = 30.0
 # What the HTTP timeout of a /wait request adds to its server-side timeout.
 WAIT_SLACK = 5.0
+# At most this long to connect (a host that drops our SYNs is unreachable, whatever the
+# request's own timeout): requests' timeout is then (connect, read).
+CONNECT_TIMEOUT = 10.0
 
 _Params = Mapping[str, str | int | float] | None
 
 
 def _reach_hint(transport: Transport) -> str:
     if isinstance(transport, UnixTransport):
-        return "start incusd (scripts/incus-setup.sh here), or give --incus-remote"
+        return "start incusd (the incus service), or give --incus-remote"
     return "check that incusd listens there (core.https_address), or give another --incus-remote"
 
 
@@ -153,7 +152,7 @@ class IncusClient:
         session.headers["User-Agent"] = "pytest-incus"
         self.transport.mount(session)
         self.session = session
-        self._lock = threading.Lock()
+        # both only ever go from unset to set: threads racing here at worst ask twice
         self._server: dict[str, Any] | None = None
         self._checked = False
 
@@ -277,11 +276,12 @@ class IncusClient:
 
         A non-2xx answer is ServerError carrying Incus's error text and ``status`` (call() and
         start() also check the body's type). With ``stream`` the body is left unread (close
-        the response)."""
+        the response, and read it inside ``errors()``)."""
         query: dict[str, Any] = dict(params or {})
         if project:
             query.setdefault("project", self.project)
         what = f"{method} {path}"
+        wait = self.timeout if timeout is None else timeout
         with translated(self.transport, what):
             response = self.session.request(
                 method,
@@ -291,7 +291,7 @@ class IncusClient:
                 data=data,
                 headers=headers,
                 stream=stream,
-                timeout=self.timeout if timeout is None else timeout,
+                timeout=(min(CONNECT_TIMEOUT, wait), wait),
                 allow_redirects=False,
             )
         if not 200 <= response.status_code < 300:
@@ -300,6 +300,12 @@ class IncusClient:
             finally:
                 response.close()
         return response
+
+    def errors(self, what: str) -> AbstractContextManager[None]:
+        """The translation of requests' errors for ``what`` (say "GET /1.0/.../files"), for
+        callers that read a ``stream=True`` body themselves: a connection that breaks while
+        they read is then our error too."""
+        return translated(self.transport, what)
 
     def _error(self, what: str, response: requests.Response) -> ServerError:
         status = response.status_code
@@ -360,7 +366,7 @@ class IncusClient:
         operation = body.get("metadata") or {}
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         done = self._wait(str(operation.get("id")), left, what)
-        if done.get("status") == "Running" or done.get("status_code") in (103, 105, 106):
+        if done.get("status") != "Success":  # _wait raised for failures: still running
             raise WaitTimeoutError(
                 f"Incus server at {self.remote}: {what} did not finish within {timeout:g} s "
                 f"(operation {done.get('id')}, {done.get('description')!r}, is still "
@@ -438,7 +444,7 @@ class IncusClient:
         op_id = operation_id.rstrip("/").rsplit("/", 1)[-1]
         path = f"/1.0/operations/{op_id}/websocket?secret={secret}"
         with translated(self.transport, f"websocket {path.split('?')[0]}"):
-            sock = self.transport.open_socket(self.timeout)
+            sock = self.transport.open_socket(min(CONNECT_TIMEOUT, self.timeout))
             try:
                 ws = websocket.create_connection(
                     self.transport.ws_base + path,
@@ -451,5 +457,6 @@ class IncusClient:
             except BaseException:
                 sock.close()
                 raise
+            self.transport.opened(sock)
             ws.settimeout(None)
         return ws

@@ -25,9 +25,12 @@ Without a shell (``shell=None``) argv is given to Incus as is, with fewer guaran
 the command in ``/`` then), and a timeout kills only the command itself (the control
 websocket's SIGKILL), not what it started.
 
-Limits of Incus's exec API that no wrapper can lift: the user gets no supplementary groups (the
-API takes one uid and one gid, and liblxc drops the others), and Incus adds ``LANG=C.UTF-8``
-unless asked otherwise (the wrapper unsets it again when the request did not set it).
+Incus's exec API takes one uid and one gid, and liblxc drops every other group. A user other
+than root who is a member of groups in the instance's ``/etc/group`` is therefore switched to by
+``setpriv`` (util-linux) inside, run as root, with those supplementary groups, as the local
+backend gives them; in an instance without ``setpriv`` (busybox) the user gets Incus's uid and
+gid only. Incus adds ``LANG=C.UTF-8`` unless asked otherwise (the wrapper unsets it again when
+the request did not set it).
 """
 
 from __future__ import annotations
@@ -195,6 +198,27 @@ def parse_passwd(text: str, user: str | int) -> User | None:
     return None
 
 
+def member_gids(text: str, user: User) -> list[int]:
+    """The gids of the groups in group file ``text`` that list ``user`` as a member, and its
+    primary gid first."""
+    gids = [user.gid]
+    for line in text.splitlines():
+        parts = line.split(":")
+        if len(parts) >= 4 and user.name in parts[3].split(","):
+            with contextlib.suppress(ValueError):
+                if int(parts[2]) not in gids:
+                    gids.append(int(parts[2]))
+    return gids
+
+
+def _groups(user: User, read_file: Callable[[str], bytes]) -> list[int]:
+    try:
+        text = read_file("/etc/group").decode("utf-8", "replace")
+    except FileNotFoundError:
+        return [user.gid]
+    return member_gids(text, user)
+
+
 def lookup_user(user: str | int, read_file: Callable[[str], bytes]) -> User | None:
     """``user`` as the instance's /etc/passwd (read with ``read_file``) gives it, None if it
     has no such name; a missing passwd has no users but the numeric ones."""
@@ -349,6 +373,24 @@ def run(
     else:
         body["command"] = argv
         body["cwd"] = request.cwd or ("/root" if user is None else user.home)
+    if shell is not None and user is not None and len(gids := _groups(user, read_file)) > 1:
+        switched = {
+            **body,
+            "user": 0,
+            "group": 0,
+            "command": [
+                "setpriv",
+                f"--reuid={user.uid}",
+                f"--regid={user.gid}",
+                "--groups=" + ",".join(map(str, gids)),
+                "--",
+                *body["command"],
+            ],
+        }
+        result = _Exec(client, instance, request, switched, token, shell).run()
+        if not (result.exit_code == 127 and not result.stderr_bytes):
+            return result
+        # Incus found no setpriv (the wrapper says "not found" itself): Incus's uid and gid
     return _Exec(client, instance, request, body, token, shell).run()
 
 

@@ -16,6 +16,8 @@ type the server cannot run UnavailableError with Incus's own words.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +37,7 @@ from pytest_incus.incus import exec as incus_exec
 from pytest_incus.incus import files, owners
 from pytest_incus.incus.images import APP_EXIT, APP_LOG
 from pytest_incus.ownership import Owner
-from pytest_incus.runtimes import readiness
+from pytest_incus.runtimes import mounts, readiness
 from pytest_incus.spec import InstanceSpec
 from pytest_incus.values import ExecRequest, ExecResult, Stat
 
@@ -44,7 +46,12 @@ if TYPE_CHECKING:
     from pytest_incus.incus.images import Source
     from pytest_incus.incus.runtime import IncusRuntime
 
+log = logging.getLogger("pytest_incus")
+
 READY_POLL = 0.05
+LIVE = ("Running", "Stopping", "Freezing", "Frozen")  # statuses of an instance not yet down
+MOUNT_PREFIX = "pti-mount"  # the disk devices of the spec's mounts
+NO_IDMAP = "idmapping abilities are required"  # Incus, of a filesystem it cannot idmap
 STATE_POLL = 0.05
 INIT_PROBE = 'read c < /proc/1/comm; echo "$c"'  # shell builtins only: any POSIX sh does it
 
@@ -59,6 +66,17 @@ def name_taken(exc: ServerError) -> bool:
     database error and status 500, not 409)."""
     text = str(exc)
     return exc.status == 409 or "UNIQUE constraint failed" in text or "already exists" in text
+
+
+def _idmap_base(instance: dict[str, Any]) -> tuple[int, int] | None:
+    """(host uid of root inside, ids mapped) of an unprivileged container, from Incus's
+    ``volatile.idmap.next`` (the map its next start uses); None if it has none."""
+    raw = (instance.get("config") or {}).get("volatile.idmap.next", "")
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        for entry in json.loads(raw or "[]"):
+            if entry.get("Isuid") and entry.get("Nsid") == 0:
+                return int(entry["Hostid"]), int(entry["Maprange"])
+    return None
 
 
 class IncusMachine:
@@ -76,6 +94,7 @@ class IncusMachine:
         self._created = False
         self._address: str | None = None  # on its network, as placed
         self._started_once = False
+        self._console = b""  # the console log as read so far (see logs())
 
     @property
     def client(self) -> IncusClient:
@@ -129,8 +148,11 @@ class IncusMachine:
             # there
             disk = {"type": "disk", "source": host, "path": inside, "readonly": "true"}
             if not spec.privileged:
-                disk["shift"] = "true"  # root-owned files stay root's inside, as locally
-            devices[f"pti-mount{i}"] = disk
+                # idmapped, so that the host's root-owned files are root's inside, as the
+                # local backend's mounts are; where the filesystem cannot be idmapped (tmpfs
+                # here), start() falls back to a plain bind (see _unshift_mounts)
+                disk["shift"] = "true"
+            devices[f"{MOUNT_PREFIX}{i}"] = disk
         return {
             "name": self.name,
             "type": "virtual-machine" if spec.kind == "vm" else "container",
@@ -225,12 +247,12 @@ class IncusMachine:
             self._create(deadline)
         try:
             with self._errors("starting it"):
-                self.client.call(
-                    "PUT",
-                    f"{self._path}/state",
-                    json={"action": "start", "timeout": -1},
-                    timeout=max(1.0, deadline - time.monotonic()),
-                )
+                try:
+                    self._put_start(deadline)
+                except ServerError as exc:
+                    if NO_IDMAP not in str(exc) or not self._unshift_mounts():
+                        raise
+                    self._put_start(deadline)
         except WaitTimeoutError as exc:
             raise self._start_error(
                 f"Incus did not start it within boot_timeout={self.spec.boot_timeout}s"
@@ -241,6 +263,50 @@ class IncusMachine:
         if self.spec.kind == "app":
             return  # ready as soon as it runs (or has run): wait() and logs() tell
         self._wait_ready(deadline)
+
+    def _put_start(self, deadline: float) -> None:
+        self.client.call(
+            "PUT",
+            f"{self._path}/state",
+            json={"action": "start", "timeout": -1},
+            timeout=max(1.0, deadline - time.monotonic()),
+        )
+
+    def _unshift_mounts(self) -> bool:
+        """Make the idmapped mounts plain read-only binds (a filesystem that cannot be
+        idmapped refused them: the container's root then reads them as a stranger, as the
+        local backend's do there); False if there was none to change."""
+        instance = self.client.call("GET", self._path)
+        devices = dict(instance.get("devices") or {})
+        changed = False
+        for key, device in devices.items():
+            if key.startswith(MOUNT_PREFIX) and device.pop("shift", None) is not None:
+                self._check_stranger_reads(device["source"], device["path"], instance)
+                changed = True
+        if changed:
+            log.info("%s: its mounts cannot be idmapped; plain read-only binds", self._where)
+            self.client.call("PATCH", self._path, json={"devices": devices})
+        return changed
+
+    def _check_stranger_reads(self, source: str, target: str, instance: dict[str, Any]) -> None:
+        """InstanceStartError, as the local backend gives it, if the container's root (a
+        stranger to the host's files without idmapping) may not read ``source``. Only when
+        the server is this host (its unix socket): a remote server's files are not ours to
+        look at, and Incus's own error says it there."""
+        if self.client.remote.startswith(("http://", "https://")):
+            return
+        path = Path(source)
+        base = _idmap_base(instance)
+        with contextlib.suppress(OSError):
+            if base is not None and not mounts._stranger_may_read(path, path.is_dir(), base):
+                raise InstanceStartError(
+                    f"cannot mount host path {source} at {target}: its filesystem "
+                    f"({mounts._fstype(path)}) does not support idmapped mounts, and the "
+                    f"container's root (uid {base[0]} on this host) may not "
+                    f"{'list' if path.is_dir() else 'read'} it; make it readable by others "
+                    f"(chmod o+r{'x' if path.is_dir() else ''}), or mount a copy of it on a "
+                    "local filesystem"
+                )
 
     def _wait_ready(self, deadline: float) -> None:
         shell = self._source.shell if self._source else None
@@ -273,17 +339,28 @@ class IncusMachine:
 
     def _status(self) -> str | None:
         """The server's status of the instance ("Running", "Stopped", ...); None if gone."""
+        # the instance, not its /state: that one gathers usage figures, and fails ("Invalid
+        # PID", HTTP 500) while an app's container is ending
         try:
-            state = self.client.call("GET", f"{self._path}/state")
+            instance = self.client.call("GET", self._path)
         except ServerError as exc:
             if exc.status == 404 or "not found" in str(exc).lower():
                 return None
             raise
-        return str(state.get("status")) if isinstance(state, dict) else None
+        if not isinstance(instance, dict):
+            return None
+        status = str(instance.get("status"))
+        power = (instance.get("config") or {}).get("volatile.last_state.power")
+        if status == "Stopped" and power == "RUNNING":
+            # an init that ended by itself (poweroff -f): Incus says Stopped at once, then
+            # Running again for about 0.6 s while it handles the stop, and only then Stopped
+            # with last_state.power STOPPED; starting it before then fails
+            return "Stopping"
+        return status
 
     def running(self) -> bool:
-        """True while the instance runs on the server."""
-        return self._created and self._status() == "Running"
+        """True while the instance runs on the server (or is still going down)."""
+        return self._created and self._status() in LIVE
 
     def stop(self, timeout: float, force: bool) -> None:
         """Shut down cleanly within ``timeout`` seconds (Incus sends the init's halt signal),
@@ -291,7 +368,7 @@ class IncusMachine:
         if not self._created:
             return
         with self._errors("stopping it"):
-            if self._status() != "Running":
+            if self._status() not in LIVE:
                 return
             if not force:
                 try:
@@ -303,7 +380,7 @@ class IncusMachine:
                     )
                     return
                 except (ServerError, WaitTimeoutError):
-                    if self._status() != "Running":
+                    if self._status() not in LIVE:
                         return  # it stopped meanwhile (an app that ended, say)
             self.client.call(
                 "PUT",
@@ -345,13 +422,22 @@ class IncusMachine:
                     )
             except FileNotFoundError:
                 return ""
+        # Incus answers a running container's console with what was written since the last
+        # read (liblxc's ring buffer, then moved to the log file), and a stopped one's with the
+        # whole log file, every boot's: so what it says is added to what was read before,
+        # unless it is that whole file (it starts with everything read so far). While a
+        # container ends the endpoint may fail ("connection refused", HTTP 500): what was read
+        # so far is the log then.
         try:
             response = self.client.request("GET", f"{self._path}/console")
-        except ServerError as exc:
-            if exc.status == 404:
-                return ""
-            raise
-        return response.content.decode("utf-8", "replace")
+        except ServerError:
+            return self._console.decode("utf-8", "replace")
+        data = response.content
+        if self._console and data.startswith(self._console):
+            self._console = data
+        else:
+            self._console += data
+        return self._console.decode("utf-8", "replace")
 
     def wait(self, timeout: float | None) -> int:
         """An app: wait for its program to end (Incus then stops the container); its exit
@@ -365,7 +451,7 @@ class IncusMachine:
             raise NotRunningError(f"wait(): app {self.name} was never started; start() it")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._errors("waiting for it"):
-            while self._status() == "Running":
+            while self._status() in LIVE:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise WaitTimeoutError(
                         f"wait(timeout={timeout}): app {self.name} still runs after "

@@ -168,8 +168,9 @@ def _gone_is_fine() -> Iterator[None]:
 def delete_instance(client: IncusClient, name: str, *, timeout: float = STOP_TIMEOUT) -> None:
     """Stop ``name`` at once if it runs and delete it; nothing if it is already gone."""
     with _gone_is_fine():
-        state = client.call("GET", f"/1.0/instances/{name}/state")
-        if isinstance(state, dict) and state.get("status") not in ("Stopped", None):
+        # the instance's status, not /state's: that one fails while a container ends
+        instance = client.call("GET", f"/1.0/instances/{name}")
+        if isinstance(instance, dict) and instance.get("status") not in ("Stopped", None):
             try:
                 client.call(
                     "PUT",

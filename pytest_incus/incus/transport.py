@@ -45,6 +45,7 @@ import urllib3.connectionpool
 import urllib3.exceptions
 import yaml
 from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
 from ..errors import ConfigError
@@ -54,6 +55,22 @@ DEFAULT_PORT = 8443  # Incus's registered port, what `incus remote add HOST` ass
 UNIX_BASE = "http+unix://incus"  # the scheme our adapter is mounted on; the host is not used
 # connections kept per pool: the exec readers and a runtime's calls may run in a few threads
 POOL_SIZE = 8
+
+
+def retries() -> Retry:
+    """Retry only what cannot have reached the server twice: a connection that could not be
+    made, or (GET and HEAD only) a kept-alive connection the server had closed just as we
+    reused it. Never a status: Incus's error answers are final."""
+    return Retry(
+        total=2,
+        connect=2,
+        read=1,
+        status=0,
+        redirect=0,
+        other=0,
+        allowed_methods=frozenset({"GET", "HEAD"}),
+        raise_on_status=False,
+    )
 
 
 def default_socket() -> Path:
@@ -119,7 +136,7 @@ class UnixAdapter(HTTPAdapter):
     """A requests adapter that sends every request to one unix socket."""
 
     def __init__(self, socket_path: str, pool_size: int = POOL_SIZE) -> None:
-        super().__init__(max_retries=0)
+        super().__init__(max_retries=retries())
         self.pool = UnixConnectionPool(socket_path, maxsize=pool_size, block=False)
 
     def get_connection_with_tls_context(
@@ -156,7 +173,7 @@ class PinnedAdapter(HTTPAdapter):
 
     def __init__(self, fingerprint: str, pool_size: int = POOL_SIZE) -> None:
         self.fingerprint = fingerprint  # before super().__init__, which builds the pool manager
-        super().__init__(pool_maxsize=pool_size, max_retries=0)
+        super().__init__(pool_maxsize=pool_size, max_retries=retries())
 
     def init_poolmanager(
         self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
@@ -180,6 +197,10 @@ class Transport:
     def open_socket(self, timeout: float) -> socket.socket:
         """A socket connected (and for TLS verified) to the server, for a websocket."""
         raise NotImplementedError
+
+    def opened(self, sock: socket.socket) -> None:
+        """``sock`` (of open_socket) has read its first answer: a TLS transport keeps its
+        session to resume it on the next socket."""
 
 
 @dataclass(eq=False)
@@ -218,6 +239,9 @@ class TLSTransport(Transport):
     ca_bundle: str | None = None  # of CA verification; None: requests' own bundle
     fingerprint: str | None = field(init=False, default=None)  # of server_cert
     _context: ssl.SSLContext | None = field(init=False, default=None, repr=False)
+    # the last TLS session of a websocket: resumed by the next one, which then skips the
+    # certificate exchange (2.9 ms instead of 6.4 ms here; an exec opens four)
+    _session: ssl.SSLSession | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.remote = self.url
@@ -226,51 +250,78 @@ class TLSTransport(Transport):
         parts = urlsplit(self.url)
         self.host = parts.hostname or ""
         self.port = parts.port or DEFAULT_PORT
+        # read the certificate files now: a wrong one is a mistake in the options or the
+        # incus configuration, not a server that cannot be reached
         if self.server_cert is not None:
-            self.fingerprint = cert_fingerprint(self.server_cert.read_bytes())
+            try:
+                self.fingerprint = cert_fingerprint(self.server_cert.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"the server certificate {self.server_cert} pinned for {self.url} cannot be "
+                    f"read ({exc}); pin it again with `incus remote remove` and `incus remote "
+                    "add`",
+                    exc=exc,
+                ) from exc
+        try:
+            self._context = self._build_context()
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"the client certificate {self.cert} and key {self.key} for {self.url} cannot "
+                f"be loaded ({exc}); give a PEM certificate and its private key "
+                "(--incus-client-cert, --incus-client-key)",
+                exc=exc,
+            ) from exc
 
     @property
     def verify(self) -> bool | str:
         """requests' ``verify`` for this server (False when pinned: the adapter checks the
         fingerprint instead)."""
-        if self.fingerprint is not None:
-            return False
-        return self.ca_bundle or requests.utils.DEFAULT_CA_BUNDLE_PATH
+        return False if self.fingerprint is not None else self.verify_path()
 
     def mount(self, session: requests.Session) -> None:
         if self.fingerprint is not None:
             session.mount(self.url + "/", PinnedAdapter(self.fingerprint))
         else:
-            session.mount(self.url + "/", HTTPAdapter(pool_maxsize=POOL_SIZE, max_retries=0))
+            session.mount(
+                self.url + "/", HTTPAdapter(pool_maxsize=POOL_SIZE, max_retries=retries())
+            )
         session.verify = self.verify
         if self.cert is not None and self.key is not None:
             session.cert = (str(self.cert), str(self.key))
 
     def ssl_context(self) -> ssl.SSLContext:
         """The TLS context of websockets: the same client certificate and server check as the
-        session's (built once)."""
-        if self._context is None:
-            if self.fingerprint is not None:
-                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                context.check_hostname = False
-                context.verify_mode = (
-                    ssl.CERT_NONE
-                )  # the fingerprint is checked after the handshake
-            else:
-                context = ssl.create_default_context(cafile=self.verify_path())
-            if self.cert is not None and self.key is not None:
-                context.load_cert_chain(self.cert, self.key)
-            self._context = context
+        session's (built in ``__post_init__``, which so checks the certificate files)."""
+        assert self._context is not None
         return self._context
+
+    def _build_context(self) -> ssl.SSLContext:
+        if self.fingerprint is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE  # open_socket checks the fingerprint
+        else:
+            context = ssl.create_default_context(cafile=self.verify_path())
+        if self.cert is not None and self.key is not None:
+            context.load_cert_chain(self.cert, self.key)
+        return context
 
     def verify_path(self) -> str:
         """The CA bundle of CA verification."""
         return self.ca_bundle or requests.utils.DEFAULT_CA_BUNDLE_PATH
 
     def open_socket(self, timeout: float) -> socket.socket:
+        # We hand websocket-client a socket of our own instead of its sslopt: the pinned
+        # fingerprint is then checked before the handshake sends the operation's secret, with
+        # the same rule as the session's adapter, and the TLS session can be resumed.
         raw = socket.create_connection((self.host, self.port), timeout=timeout)
         try:
-            sock = self.ssl_context().wrap_socket(raw, server_hostname=self.host)
+            # as urllib3 and websocket-client do on sockets of their own: small frames (stdin,
+            # close) must not wait for the peer's delayed ACK
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = self.ssl_context().wrap_socket(
+                raw, server_hostname=self.host, session=self._session
+            )
         except BaseException:
             raw.close()
             raise
@@ -285,6 +336,11 @@ class TLSTransport(Transport):
                     f" ({self.server_cert})"
                 )
         return sock
+
+    def opened(self, sock: socket.socket) -> None:
+        # TLS 1.3 sends its session ticket after the handshake: it is there once we have read
+        if isinstance(sock, ssl.SSLSocket) and sock.session is not None:
+            self._session = sock.session
 
 
 def transport_for(

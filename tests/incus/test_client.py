@@ -288,7 +288,10 @@ def _finish_exec(client: IncusClient, operation: dict[str, Any]) -> tuple[int, b
         sockets["0"].send_close()  # no stdin: EOF
         out = b""
         while True:
-            opcode, data = sockets["1"].recv_data(control_frame=False)
+            try:
+                opcode, data = sockets["1"].recv_data(control_frame=False)
+            except websocket.WebSocketConnectionClosedException:
+                break  # Incus may end a stream without a close frame
             if opcode == websocket.ABNF.OPCODE_CLOSE or not data:
                 break
             out += data
@@ -420,12 +423,63 @@ def test_https_with_a_trusted_certificate(trusted_conf: Path, https_url: str) ->
         )
 
 
+def test_https_with_the_incus_commands_own_remote(
+    incus_client: IncusClient, scratch: Path, https_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `incus remote add NAME TOKEN` leaves in its configuration is what we read."""
+    conf = scratch / "incus"
+    name = _name()
+    server_env = {k: v for k, v in os.environ.items() if k != "INCUS_CONF"}
+    token = subprocess.run(
+        ["incus", "config", "trust", "add", name, "--quiet"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=server_env,
+    ).stdout.strip()
+    try:
+        subprocess.run(
+            ["incus", "remote", "add", name, token],
+            check=True,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            env={**server_env, "INCUS_CONF": str(conf)},
+            timeout=60,
+        )
+        monkeypatch.setenv("INCUS_CONF", str(conf))
+        with IncusClient(https_url, project=incus_client.project) as client:
+            assert isinstance(client.transport, TLSTransport)
+            assert client.transport.server_cert == conf / "servercerts" / f"{name}.crt"
+            assert client.transport.cert == conf / "client.crt"
+            client.check()
+            assert client.call("GET", "/1.0/instances", params={"recursion": 0}) is not None
+    finally:
+        crt = conf / "client.crt"
+        if crt.exists():
+            with contextlib.suppress(ServerError):  # not trusted: the token is still there
+                incus_client.request(
+                    "DELETE",
+                    f"/1.0/certificates/{cert_fingerprint(crt.read_bytes())}",
+                    project=False,
+                )
+        subprocess.run(
+            ["incus", "config", "trust", "revoke-token", name],
+            capture_output=True,
+            check=False,
+            env=server_env,
+        )
+
+
 def test_https_websocket_streams_exec(
     incus_client: IncusClient, trusted_conf: Path, https_url: str, busybox_container: str
 ) -> None:
     with IncusClient(https_url, project=incus_client.project) as client:
         code, out = _exec_over_websockets(client, busybox_container, ["echo", "over TLS"])
-    assert (code, out) == (0, b"over TLS\n")
+        assert (code, out) == (0, b"over TLS\n")
+        # the websockets' TLS session is resumed by the next socket (no certificate exchange)
+        sock = client.transport.open_socket(5)
+        with sock:
+            assert isinstance(sock, ssl.SSLSocket) and sock.session_reused
 
 
 def test_https_missing_project_is_unavailable(trusted_conf: Path, https_url: str) -> None:

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from registry_helpers import build_image
 
-from pytest_incus.errors import ConfigError, NotRunningError, UnavailableError
+from pytest_incus.errors import ConfigError, NotRunningError, UnavailableError, WaitTimeoutError
 from pytest_incus.images.store import ImageStore
 from pytest_incus.incus import owners
 from pytest_incus.incus.client import IncusClient
@@ -255,3 +256,49 @@ def test_a_systemd_image_is_ready_when_systemd_says_so(
     m.start()
     state = run(m, "systemctl", "is-system-running").strip()
     assert state in ("running", "degraded")
+
+
+@pytest.fixture
+def app_runtime(scratch_cache: Path) -> Iterator[IncusRuntime]:
+    """The app runtime of a private cache, holding an OCI layout with busybox; the images it
+    uploads are deleted afterwards (they are of this test's private cache)."""
+    build_image(scratch_cache / "layout", "app")
+    settings = Settings(cache_dir=scratch_cache, backend="incus")
+    runtime = next(
+        r
+        for r in incus_runtimes(RuntimeContext.of(ImageStore(settings)))
+        if isinstance(r, IncusRuntime) and r.kind == "app"
+    )
+    before = {i["fingerprint"] for i in runtime.client.call("GET", "/1.0/images?recursion=1")}
+    yield runtime
+    for image in runtime.client.call("GET", "/1.0/images?recursion=1"):
+        if image["fingerprint"] not in before and str(scratch_cache) in str(
+            image.get("properties", {}).get("description", "")
+        ):
+            runtime.client.call("DELETE", f"/1.0/images/{image['fingerprint']}")
+    runtime.client.close()
+
+
+def test_an_app_runs_its_program_and_wait_gives_its_exit_code(
+    app_runtime: IncusRuntime, scratch_cache: Path, made: list[str], tmp_path: Path
+) -> None:
+    image = f"oci:{scratch_cache / 'layout'}:app"
+    m = machine(
+        app_runtime,
+        made,
+        tmp_path,
+        image=image,
+        env={"WHO": "app"},
+        command=["/bin/sh", "-c", 'echo "out $WHO"; echo err >&2; exit 7'],
+    )
+    m.start()
+    assert m.wait(30) == 7
+    assert not m.running()
+    assert "out app" in m.logs() and "err" in m.logs()
+    long = machine(app_runtime, made, tmp_path, image=image, command=["/bin/busybox", "sleep", "30"])
+    long.start()
+    assert long.running()
+    with pytest.raises(WaitTimeoutError):
+        long.wait(0.5)
+    long.stop(5, True)
+    assert not long.running()

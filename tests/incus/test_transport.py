@@ -108,3 +108,17 @@ def test_client_from_settings(conf: Path, scratch: Path) -> None:
     )
     with IncusClient.from_settings(settings) as client:
         assert (client.remote, client.project) == ("/srv/incus.socket", "ci")
+
+
+def test_unreadable_certificates_are_config_errors(conf: Path, scratch: Path) -> None:
+    mine = _cert(scratch / "mine.crt")
+    with pytest.raises(ConfigError, match=f"client certificate {mine} and key"):
+        transport_for("https://h", cert=mine, key=scratch / "missing.key")
+    other = _cert(scratch / "other.crt")
+    with pytest.raises(ConfigError, match="cannot be loaded"):  # a key of another certificate
+        transport_for("https://h", cert=mine, key=Path(str(other) + ".key"))
+    (conf / "servercerts").mkdir()
+    (conf / "servercerts" / "lab.crt").write_text("not a certificate")
+    (conf / "config.yml").write_text(json.dumps({"remotes": {"lab": {"addr": "https://h"}}}))
+    with pytest.raises(ConfigError, match="pinned for https://h:8443 cannot be read"):
+        transport_for("https://h")
