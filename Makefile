@@ -34,3 +34,4 @@ bench: setup
 	$(PYTHON) bench/app_launch.py
 	$(PYTHON) bench/net_launch.py
 	$(PYTHON) bench/image_launch.py
+	$(PYTHON) bench/incus_backend.py

@@ -84,3 +84,15 @@ def test_image_benchmark_runs_to_the_end(settings: Settings) -> None:
         timeout=600,
     )
     assert "images:debian/12/bench" in out and "index requests" in out, out
+
+
+def test_incus_backend_benchmark_runs_to_the_end(settings: Settings) -> None:
+    out = _run(
+        "incus_backend.py",
+        *("-n", "1", "--execs", "3", "--images", "busybox", "--tests", "4"),
+        *("--cache-dir", str(settings.cache_dir)),
+        settings=settings,
+        timeout=600,
+    )
+    assert "incus-backend/Incus-REST" in out and "-n 4 run of 4 busybox tests" in out, out
+    assert "nothing left behind" in out, out
