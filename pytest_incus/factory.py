@@ -46,7 +46,9 @@ class InstanceFactory:
     ) -> None:
         self.settings = settings
         self.images = images
-        self.runtimes = runtimes or RuntimeTable.default(RuntimeContext.of(images))
+        self.runtimes = runtimes or RuntimeTable.default(
+            RuntimeContext(settings, images, images.progress)
+        )
         self._on_ready = on_ready
         self._owner = Owner.current()
         self._live: dict[str, Instance] = {}  # launched and not deleted; kept ones too
