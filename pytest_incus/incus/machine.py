@@ -62,6 +62,17 @@ def refused_type(exc: ServerError) -> bool:
     return "is not supported on this server" in str(exc)
 
 
+def refused_target(exc: ServerError) -> bool:
+    """True if Incus refused ``?target=`` (--incus-target): no such cluster member or group,
+    or a server that is not a cluster (Incus 6.0's words; 404 or 400)."""
+    text = str(exc)
+    return (
+        "Target only allowed when clustered" in text
+        or ("Cluster member" in text and "not found" in text)
+        or ("Cluster group" in text and "doesn't exist" in text)
+    )
+
+
 def name_taken(exc: ServerError) -> bool:
     """True if Incus refused a create because the name is taken (Incus 6.0 says so with a
     database error and status 500, not 409)."""
@@ -205,6 +216,9 @@ class IncusMachine:
     def _create_error(self, exc: ServerError) -> IncusError:
         if name_taken(exc):
             return self._taken()
+        target = self.runtime.settings.target
+        if target and refused_target(exc):
+            return self._target_error(target, exc)
         if refused_type(exc):
             return UnavailableError(
                 f"cannot launch kind={self.spec.kind!r} {self.name}: Incus server "
@@ -214,6 +228,24 @@ class IncusMachine:
             )
         return InstanceStartError(
             f"{self._where} (image {self.spec.image}): creating it failed: {exc}", exc=exc
+        )
+
+    def _target_error(self, target: str, exc: ServerError) -> ConfigError:
+        """--incus-target names no member of the server's cluster: say which it has."""
+        what = f"--incus-target={target}: cannot create {self.name} there"
+        if "only allowed when clustered" in str(exc):
+            return ConfigError(
+                f"{what}: {exc}; the server is not a cluster: leave --incus-target out", exc=exc
+            )
+        try:
+            urls = self.client.call("GET", "/1.0/cluster/members")
+            members = ", ".join(str(url).rsplit("/", 1)[-1] for url in urls or [])
+        except ServerError:
+            members = "see `incus cluster list` there"  # it cannot tell now: not the point
+        return ConfigError(
+            f"{what}: {exc}; give one of its members ({members}) or a cluster group as "
+            "@GROUP, or leave --incus-target out",
+            exc=exc,
         )
 
     def _await_record(self, operation: dict[str, Any], deadline: float) -> None:
