@@ -39,11 +39,12 @@ from pytest_incus.incus.images import APP_EXIT, APP_LOG
 from pytest_incus.ownership import Owner
 from pytest_incus.runtimes import mounts, readiness
 from pytest_incus.spec import InstanceSpec
-from pytest_incus.values import ExecRequest, ExecResult, Stat
+from pytest_incus.values import ExecRequest, ExecResult, NetworkAttachment, Stat
 
 if TYPE_CHECKING:
     from pytest_incus.incus.client import IncusClient
     from pytest_incus.incus.images import Source
+    from pytest_incus.incus.networks import Placement
     from pytest_incus.incus.runtime import IncusRuntime
 
 log = logging.getLogger("pytest_incus")
@@ -92,7 +93,10 @@ class IncusMachine:
         self.owner = Owner.current()
         self._source: Source | None = None
         self._created = False
-        self._address: str | None = None  # on its network, as placed
+        self._placement: Placement | None = None  # on its network, as placed
+        self.network: NetworkAttachment | None = None
+        """Its place on its network (``Instance.network``), once started: the Incus bridge,
+        the host side of its veth pair (a new one at every start), address, MAC."""
         self._started_once = False
         self._console = b""  # the console log as read so far (see logs())
 
@@ -178,7 +182,7 @@ class IncusMachine:
                 body["config"]["raw.lxc"] = "\n".join(line for line in raw if line)
                 operation = self._post(body)
                 self._await_record(operation, deadline)
-            self._address = placement.address
+            self._placement = placement
             self._wait_created(operation, deadline)
             files.write_file(
                 self.client, self.name, "/etc/resolv.conf", placement.resolv_conf.encode(), 0o644
@@ -262,9 +266,30 @@ class IncusMachine:
         except ServerError as exc:
             raise self._start_error(f"Incus could not start it: {exc}") from exc
         self._started_once = True
+        self._attach()
         if self.spec.kind == "app":
             return  # ready as soon as it runs (or has run): wait() and logs() tell
         self._wait_ready(deadline)
+
+    def _attach(self) -> None:
+        """Set ``network`` from the started instance: its veth's host side and its MAC are
+        Incus's choice (the rest is the placement's)."""
+        placement = self._placement
+        if placement is None:
+            return
+        # the instance's volatile keys, not its /state: that one fails while an app ends
+        with self._errors("reading its network"):
+            instance = self.client.call("GET", self._path) or {}
+        config = instance.get("config") or {}
+        self.network = NetworkAttachment(
+            network=placement.network,
+            bridge=placement.incus_network,  # an Incus bridge's interface has its name
+            device=str(config.get("volatile.eth0.host_name", "")),
+            address=placement.address,
+            prefix=placement.prefix,
+            gateway=placement.gateway,
+            mac=str(config.get("volatile.eth0.hwaddr", "")),
+        )
 
     def _put_start(self, deadline: float) -> None:
         self.client.call(
@@ -400,7 +425,7 @@ class IncusMachine:
     def ipv4(self) -> str | None:
         """Its address on its network, as the server reports it (the placed one until then);
         None for no network."""
-        if self._address is None:
+        if self._placement is None:
             return None
         with contextlib.suppress(IncusError):
             state = self.client.call("GET", f"{self._path}/state")
@@ -408,7 +433,7 @@ class IncusMachine:
             for address in eth0.get("addresses") or []:
                 if address.get("family") == "inet" and address.get("scope") == "global":
                     return str(address["address"])
-        return self._address
+        return self._placement.address
 
     def logs(self) -> str:
         """The console log: the messages of init, every boot's (Incus keeps it across
