@@ -54,6 +54,7 @@ LIVE = ("Running", "Stopping", "Freezing", "Frozen")  # statuses of an instance 
 MOUNT_PREFIX = "pti-mount"  # the disk devices of the spec's mounts
 NO_IDMAP = "idmapping abilities are required"  # Incus, of a filesystem it cannot idmap
 STATE_POLL = 0.05
+INIT_EXEC_FAILED = 'Failed to exec "/sbin/init"'  # liblxc's words, in its log
 INIT_PROBE = 'read c < /proc/1/comm; echo "$c"'  # shell builtins only: any POSIX sh does it
 
 
@@ -264,7 +265,7 @@ class IncusMachine:
                 f"Incus did not start it within boot_timeout={self.spec.boot_timeout}s"
             ) from exc
         except ServerError as exc:
-            raise self._start_error(f"Incus could not start it: {exc}") from exc
+            raise self._start_error(f"Incus could not start it: {exc}", lxc_log=True) from exc
         self._started_once = True
         self._attach()
         if self.spec.kind == "app":
@@ -356,8 +357,26 @@ class IncusMachine:
         elif not self.running():
             raise self._start_error("its init exited at once; is its /sbin/init a working init?")
 
-    def _start_error(self, what: str) -> InstanceStartError:
+    def _lxc_log(self) -> str:
+        """The errors liblxc logged for the instance's last start (Incus keeps its
+        ``lxc.log``, at every level): the lines of level ERROR, as the local backend's
+        ``lxc.log`` has them; "" if there is none or no log."""
+        try:
+            response = self.client.request("GET", f"{self._path}/logs/lxc.log")
+        except IncusError:
+            return ""
+        return "\n".join(line for line in response.text.splitlines() if " ERROR " in line)
+
+    def _start_error(self, what: str, *, lxc_log: bool = False) -> InstanceStartError:
+        """The error of a start that failed, with the console's tail; with ``lxc_log`` (Incus
+        could not start it at all: its own error only says its forkstart failed), liblxc's
+        errors too, which say why (``Failed to exec "/sbin/init"``)."""
+        errors = tail(self._lxc_log()) if lxc_log else ""
+        if INIT_EXEC_FAILED in errors:
+            what += "; is its /sbin/init a working init?"
         error = InstanceStartError(f"{self._where} (image {self.spec.image}): {what}")
+        if errors:
+            error.add_note("liblxc log:\n" + errors)
         console = ""
         with contextlib.suppress(IncusError):
             console = tail(self.logs())
