@@ -493,8 +493,8 @@ class IncusImages:
     ) -> None:
         remote = self.client.remote
         self.store.progress(
-            f"uploading image {entry.ref} to {remote} ({size / (1 << 20):.0f} MiB; once, "
-            "later runs use it)"
+            f"uploading image {entry.ref} to the Incus server at {remote} "
+            f"({size / (1 << 20):.0f} MiB; once, later runs use it)"
         )
         properties = {
             "pytest-incus.ref": entry.ref,
@@ -518,19 +518,19 @@ class IncusImages:
             if self._has(fp):  # another host uploaded it meanwhile
                 return
             raise ImageError(
-                f"uploading image {entry.ref} ({fp[:12]}) to the Incus server {remote} "
+                f"uploading image {entry.ref} ({fp[:12]}) to the Incus server at {remote} "
                 f"failed: {exc}; check the server's free space (its storage pool and "
                 "/var/lib/incus/images) and its log",
                 exc=exc,
             ) from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise ImageError(
-                f"uploading image {entry.ref} to {remote}: the server's answer is not an "
-                f"operation ({exc!r}); is {remote} an Incus server?",
+                f"uploading image {entry.ref} to the Incus server at {remote}: the server's "
+                f"answer is not an operation ({exc!r}); is {remote} an Incus server?",
                 exc=exc,
             ) from exc
         self.store.progress(
-            f"image {entry.ref} packed and uploaded to {remote} in "
+            f"image {entry.ref} packed and uploaded to the Incus server at {remote} in "
             f"{time.monotonic() - started:.1f}s"
         )
 
@@ -541,8 +541,8 @@ class IncusImages:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ImageError(
-                    f"uploading image {entry.ref} to {self.client.remote}: the server did not "
-                    f"take it in within {UPLOAD_TIMEOUT:.0f}s (operation {operation_id}); "
+                    f"uploading image {entry.ref} to the Incus server at {self.client.remote}: "
+                    f"the server did not take it in within {UPLOAD_TIMEOUT:.0f}s (operation {operation_id}); "
                     "check the server's load and log"
                 )
             done = self.client.wait(operation_id, timeout=min(left, 60.0))

@@ -435,6 +435,15 @@ class IncusMachine:
                 timeout=owners.STOP_TIMEOUT,
             )
 
+    def keep(self) -> None:
+        """Mark it kept on the server (``--incus-keep``): ``reap_server`` (``pytest-incus
+        reap`` from any host) leaves it, as the local record's mark makes the local reap do.
+        Nothing if it was never created or is gone."""
+        if not self._created:
+            return
+        with contextlib.suppress(NotRunningError), self._errors("marking it kept"):
+            owners.mark_kept(self.client, self.name)
+
     def destroy(self) -> None:
         """Force stop and delete it on the server; nothing if it is already gone."""
         owners.delete_instance(self.client, self.name)

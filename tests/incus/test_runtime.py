@@ -190,6 +190,23 @@ def test_reap_server_deletes_only_what_a_dead_owner_left(
     assert live.running() and other_host.running()
 
 
+def test_a_kept_instance_of_a_dead_owner_stays_unless_asked(
+    runtimes: dict[str, IncusRuntime], client: IncusClient, made: list[str], tmp_path: Path
+) -> None:
+    kept = machine(runtimes["container"], made, tmp_path)
+    kept.owner = dead_owner()
+    kept.keep()  # never created: nothing to mark, no error
+    kept.start()
+    kept.keep()
+    records = {r.name: r for r in owners.server_instances(client)}
+    assert records[kept.name].kept and records[kept.name].orphaned
+    assert owners.reap_server(client, names=[kept.name]) == []
+    assert kept.running()
+    assert owners.reap_server(client, names=[kept.name], include_kept=True) == [kept.name]
+    assert kept._status() is None
+    kept.keep()  # gone: nothing to mark, no error
+
+
 def test_reap_by_name_deletes_only_our_instances(
     runtimes: dict[str, IncusRuntime], client: IncusClient, made: list[str], tmp_path: Path
 ) -> None:
