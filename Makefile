@@ -23,9 +23,13 @@ lint: setup
 	$(PYTHON) -m ruff format --check pytest_incus guest_agent tests examples bench
 	$(PYTHON) -m mypy
 
-# pytest exits 5 when it ran no test: make treats that, like any failure, as an error
+# pytest exits 5 when it ran no test: make treats that, like any failure, as an error.
+# The second run: the integration tests of containers and apps again, unchanged, on this
+# machine's Incus (its VMs are refused here; tests of local-only internals skip, see README).
+INCUS_PASS = --incus-backend=incus --incus-project=pytest-incus -k "not vm"
 test: lint incus
 	$(PYTHON) -m pytest tests -p no:cacheprovider -ra $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests/integration -p no:cacheprovider -ra $(INCUS_PASS) $(PYTEST_ARGS)
 
 bench: setup
 	bash scripts/incus-setup.sh

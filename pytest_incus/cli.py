@@ -14,6 +14,8 @@ from pytest_incus.errors import IncusError
 from pytest_incus.factory import InstanceFactory
 from pytest_incus.images import vm as vm_images
 from pytest_incus.images.store import Image, ImageStore
+from pytest_incus.incus.client import IncusClient
+from pytest_incus.incus.owners import reap_server, server_instances
 from pytest_incus.runtimes import accel
 from pytest_incus.runtimes.container import unprivileged_unavailable
 from pytest_incus.runtimes.protocol import Runtime
@@ -229,9 +231,36 @@ def cmd_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(settings: Settings) -> IncusClient:
+    """The Incus server of ``--backend=incus``, checked (UnavailableError saying why not)."""
+    client = IncusClient.from_settings(settings)
+    client.check()
+    return client
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
-    """List the instances this tool created that still exist."""
-    for record in registry.records(_settings(args)):
+    """List the instances this tool created that still exist (with ``--backend=incus``, also
+    those of every host on the Incus server, found by their ``user.pytest-incus.*`` keys)."""
+    settings = _settings(args)
+    if settings.backend == "incus":
+        client = _server(settings)
+        for found in server_instances(client):
+            owner = (
+                "kept"
+                if found.kept
+                else (
+                    "orphaned"
+                    if found.orphaned
+                    else f"pid {found.owner.pid if found.owner else '?'}"
+                )
+            )
+            print(
+                f"{found.name:16} {found.kind:10} {found.image:24} {found.created[:19]}  "
+                f"{owner} on {found.owner_host.split('/', 1)[0]}, at {client.remote}"
+                + (f" ({found.location})" if found.location not in ("", "none") else "")
+            )
+        return 0
+    for record in registry.records(settings):
         owner = (
             "kept"
             if record.kept
@@ -273,7 +302,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def cmd_reap(args: argparse.Namespace) -> int:
     """Delete what crashed runs left: instances whose owning process is gone."""
-    removed = registry.reap(_settings(args), include_kept=args.kept)
+    settings = _settings(args)
+    removed = registry.reap(settings, include_kept=args.kept)
+    if settings.backend == "incus":
+        removed += reap_server(_server(settings), include_kept=args.kept)
     for name in removed:
         print(f"reaped {name}")
     if not removed:

@@ -16,11 +16,22 @@ the instance sees them. What the API does not do is computed here:
 - there are no archives: ``put_archive`` walks the tar and makes each member, ``get_archive``
   walks the tree and builds the tar, so nothing inside (no tar, no shell) is needed.
 
-Two things the API cannot do at all, done by ``inside`` (a callable that runs argv as root in
-the instance and returns its stdout, raising on failure; the machine gives it, over exec) when
-it is given: setuid/setgid/sticky bits (the API applies only the permission bits), and the
-text of a relative symlink (the API answers with the target made absolute: fine to follow,
-wrong to copy). Without ``inside`` those bits are dropped and links come out absolute.
+What the API gets wrong is done by ``inside`` (a callable that runs argv as root in the
+instance through the exec wrapper and returns its ExecResult; the machine gives it when the
+instance has a shell), when it is given:
+
+- ``stat``: the API's X-Incus-Mode carries only the permission bits (``/tmp`` is 0777, a setuid
+  program loses its 4000) and calls a device a file, so one exec of ``stat -c`` (coreutils and
+  busybox alike) gives lstat and stat in one round trip;
+- pseudo files (under /proc, /sys, /dev): the API reads a file by its size, which is 0 or 4096
+  there (a cgroup file reads empty, sysfs breaks off mid-body), and resolves ``/proc/self`` as
+  its own SFTP server; ``read_file`` and ``sha256`` read them with ``cat`` inside;
+- setuid/setgid/sticky bits of a written file (``chmod`` inside: the API applies only the
+  permission bits) and the text of a relative symlink (``readlink`` inside: the API answers with
+  the target made absolute, fine to follow, wrong to copy).
+
+Without ``inside`` (an instance without a shell) the API's answers stand: those bits are
+dropped, links come out absolute, pseudo files read as the API reads them.
 
 Server answers become the OSError that pathlib would raise (FileNotFoundError, ...), carrying
 the path; other failures stay ServerError.
@@ -43,12 +54,20 @@ from typing import TYPE_CHECKING
 import requests
 
 from pytest_incus.errors import ServerError
-from pytest_incus.values import Stat
+from pytest_incus.values import ExecResult, Stat
 
 if TYPE_CHECKING:
     from pytest_incus.incus.client import IncusClient
 
-Inside = Callable[[Sequence[str]], bytes]  # argv run as root inside -> stdout
+Inside = Callable[[Sequence[str]], ExecResult]  # argv run as root inside -> its result
+PSEUDO = ("/proc", "/sys", "/dev")  # file systems whose files' sizes say nothing of their content
+# lstat then (for a symlink) stat of $1, as "hexmode uid gid size" lines ("-": a dangling link);
+# exit 3: nothing there
+STAT_SCRIPT = r"""p=$1
+[ -e "$p" ] || [ -L "$p" ] || exit 3
+stat -c '%f %u %g %s' -- "$p" || exit 4
+if [ -L "$p" ]; then stat -L -c '%f %u %g %s' -- "$p" 2>/dev/null || echo -; fi
+"""
 MAX_HOPS = 40  # symlinks followed in a row, as Linux's own limit
 CHUNK = 1 << 20  # bytes per read of a streamed file
 
@@ -96,6 +115,72 @@ def _translated(path: str) -> Iterator[None]:
         raise
 
 
+class _NoTool(Exception):
+    """The command run inside is not there (exit 127): the files API answers instead."""
+
+
+def _os_error_of(stderr: bytes, path: str) -> OSError | None:
+    """The OSError that a tool's message on ``stderr`` names (strerror's words), if any."""
+    text = stderr.decode("utf-8", "replace").lower()
+    for message, code in _MESSAGES:
+        if message in text:
+            return _os_error(code, path)
+    return None
+
+
+def _run(inside: Inside, argv: Sequence[str], path: str) -> bytes:
+    """stdout of ``argv`` run as root inside (about ``path``); a failure becomes the OSError
+    its message names, else ServerError; _NoTool if the tool is missing."""
+    result = inside(argv)
+    if result.exit_code == 0:
+        return result.stdout_bytes
+    if result.exit_code == 127 and b"not found" in result.stderr_bytes:
+        raise _NoTool(argv[0])
+    error = _os_error_of(result.stderr_bytes, path)
+    if error is not None:
+        raise error
+    raise ServerError(
+        f"{path}: {list(argv)!r} inside failed (exit {result.exit_code}): "
+        f"{result.stderr.strip() or '(no message)'}"
+    )
+
+
+def _pseudo(path: str) -> bool:
+    """True for a path on /proc, /sys or /dev (as written: /proc/self means the caller)."""
+    normal = posixpath.normpath("/" + path.lstrip("/"))
+    return any(normal == top or normal.startswith(top + "/") for top in PSEUDO)
+
+
+def _parse_stat(line: str) -> Stat:
+    """A Stat of one "hexmode uid gid size" line of STAT_SCRIPT."""
+    mode, uid, gid, size = line.split()
+    full = int(mode, 16)
+    return Stat(full, int(uid), int(gid), int(size), stat_module.S_ISLNK(full))
+
+
+def _stat_inside(inside: Inside, path: str) -> tuple[Stat, Stat] | None:
+    """(lstat, stat) of ``path`` from one ``stat -c`` inside; None if nothing is there."""
+    result = inside(["sh", "-c", STAT_SCRIPT, "pytest-incus-stat", path])
+    if result.exit_code == 3:
+        return None
+    if result.exit_code != 0:
+        if result.exit_code == 127:  # no stat (or no sh) in the instance
+            raise _NoTool("stat")
+        raise _os_error_of(result.stderr_bytes, path) or ServerError(
+            f"{path}: stat inside failed (exit {result.exit_code}): {result.stderr.strip()}"
+        )
+    lines = result.stdout.splitlines()
+    try:
+        lstat = _parse_stat(lines[0])
+        if not lstat.is_symlink:
+            return lstat, lstat
+        return lstat, (lstat if lines[1].strip() == "-" else _parse_stat(lines[1]))
+    except (IndexError, ValueError) as exc:
+        raise ServerError(
+            f"{path}: stat inside said something unreadable: {result.stdout!r}", exc=exc
+        ) from exc
+
+
 def _stat_of(headers: requests.structures.CaseInsensitiveDict[str], size: int) -> Stat:
     kind = _TYPES.get(headers.get("X-Incus-Type", "file"), stat_module.S_IFREG)
     return Stat(
@@ -118,7 +203,10 @@ def _head(client: IncusClient, instance: str, path: str) -> Stat | None:
                 if exc.status == 404:
                     raise
                 # an answer to HEAD has no body, so no message: GET says what went wrong
-                client.request("GET", _url(instance), params={"path": path}, stream=True).close()
+                with client.errors(f"GET {_url(instance)}?path={path}"):
+                    client.request(
+                        "GET", _url(instance), params={"path": path}, stream=True
+                    ).close()
                 raise
     except FileNotFoundError:
         return None
@@ -132,7 +220,9 @@ def _readlink(client: IncusClient, instance: str, path: str, inside: Inside | No
     """The target of symlink ``path``: as written with ``inside``, else as the server gives
     it (absolute)."""
     if inside is not None:
-        return inside(["readlink", "--", path]).decode("utf-8", "surrogateescape").rstrip("\n")
+        with contextlib.suppress(_NoTool):
+            text = _run(inside, ["readlink", "--", path], path)
+            return text.decode("utf-8", "surrogateescape").removesuffix("\n")
     with _translated(path):
         response = client.request("GET", _url(instance), params={"path": path})
     return response.content.decode("utf-8", "surrogateescape")
@@ -163,6 +253,9 @@ def stat(
 ) -> tuple[Stat, Stat] | None:
     """(lstat, stat) of ``path``; stat is the lstat object again for a dangling link; None if
     ``path`` does not exist."""
+    if inside is not None:
+        with contextlib.suppress(_NoTool):
+            return _stat_inside(inside, path)
     lstat = _head(client, instance, path)
     if lstat is None:
         return None
@@ -186,20 +279,30 @@ def _regular(client: IncusClient, instance: str, path: str) -> str:
     return final
 
 
-def read_file(client: IncusClient, instance: str, path: str) -> bytes:
-    """The content of ``path`` (symlinks followed inside)."""
+def read_file(
+    client: IncusClient, instance: str, path: str, *, inside: Inside | None = None
+) -> bytes:
+    """The content of ``path`` (symlinks followed inside); a pseudo file's with ``cat``
+    inside when ``inside`` is given."""
+    if inside is not None and _pseudo(path):
+        with contextlib.suppress(_NoTool):
+            return _run(inside, ["cat", "--", path], path)
     final = _regular(client, instance, path)
     with _translated(path):
         return client.request("GET", _url(instance), params={"path": final}).content
 
 
-def sha256(client: IncusClient, instance: str, path: str) -> str:
-    """The hex sha256 of the file at ``path``, streamed: memory bounded by CHUNK."""
+def sha256(client: IncusClient, instance: str, path: str, *, inside: Inside | None = None) -> str:
+    """The hex sha256 of the file at ``path``, streamed: memory bounded by CHUNK (a pseudo
+    file read with ``cat`` inside when ``inside`` is given)."""
+    if inside is not None and _pseudo(path):
+        with contextlib.suppress(_NoTool):
+            return hashlib.sha256(_run(inside, ["cat", "--", path], path)).hexdigest()
     final = _regular(client, instance, path)
     digest = hashlib.sha256()
     with _translated(path):
         response = client.request("GET", _url(instance), params={"path": final}, stream=True)
-        with contextlib.closing(response):
+        with contextlib.closing(response), client.errors(f"GET {_url(instance)}?path={final}"):
             for chunk in response.iter_content(CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()
@@ -245,7 +348,8 @@ def _makedirs(client: IncusClient, instance: str, path: str) -> None:
 
 def _special_bits(inside: Inside | None, path: str, mode: int) -> None:
     if mode & 0o7000 and inside is not None:
-        inside(["chmod", f"{mode & 0o7777:o}", "--", path])
+        with contextlib.suppress(_NoTool):
+            _run(inside, ["chmod", f"{mode & 0o7777:o}", "--", path], path)
 
 
 def write_file(
@@ -368,7 +472,7 @@ def _add(
     """Add ``path`` (not followed) to ``tar`` as ``name``, a directory with its contents."""
     with _translated(path):
         response = client.request("GET", _url(instance), params={"path": path}, stream=True)
-    with contextlib.closing(response):
+    with contextlib.closing(response), client.errors(f"GET {_url(instance)}?path={path}"):
         headers = response.headers
         kind = headers.get("X-Incus-Type", "file")
         info = tarfile.TarInfo(name)

@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,7 @@ LIVE = ("Running", "Stopping", "Freezing", "Frozen")  # statuses of an instance 
 MOUNT_PREFIX = "pti-mount"  # the disk devices of the spec's mounts
 NO_IDMAP = "idmapping abilities are required"  # Incus, of a filesystem it cannot idmap
 STATE_POLL = 0.05
+INSIDE_TIMEOUT = 60.0  # seconds for one file operation run inside (stat, cat, chmod, readlink)
 INIT_EXEC_FAILED = 'Failed to exec "/sbin/init"'  # liblxc's words, in its log
 INIT_PROBE = 'read c < /proc/1/comm; echo "$c"'  # shell builtins only: any POSIX sh does it
 
@@ -538,38 +539,60 @@ class IncusMachine:
                 self.client, self.name, request, shell=shell, read_file=self.read_file
             )
 
+    @property
+    def _inside(self) -> files.Inside | None:
+        """What the files module runs as root inside (stat -c, cat of pseudo files, chmod of
+        special bits, readlink): an exec through the wrapper's shell, as root (no passwd
+        lookup, so one round trip); None without a shell, where the files API's answers
+        stand."""
+        shell = self._source.shell if self._source else None
+        if shell is None:
+            return None
+
+        def inside(argv: Sequence[str]) -> ExecResult:
+            request = ExecRequest(tuple(argv), {}, None, None, None, INSIDE_TIMEOUT)
+            return incus_exec.run(
+                self.client, self.name, request, shell=shell, read_file=self._api_read
+            )
+
+        return inside
+
+    def _api_read(self, path: str) -> bytes:
+        """A file's content through the files API alone (exec's user lookup: /etc files)."""
+        return files.read_file(self.client, self.name, path)
+
     def read_file(self, path: str) -> bytes:
         """The content of ``path`` inside."""
         self._need_running("read_file")
         with self._errors(f"reading {path}"):
-            return files.read_file(self.client, self.name, path)
+            return files.read_file(self.client, self.name, path, inside=self._inside)
 
     def write_file(self, path: str, data: bytes, mode: int) -> None:
         """Create or replace ``path`` inside."""
         self._need_running("write_file")
         with self._errors(f"writing {path}"):
-            files.write_file(self.client, self.name, path, data, mode)
+            files.write_file(self.client, self.name, path, data, mode, inside=self._inside)
 
     def stat(self, path: str) -> tuple[Stat, Stat] | None:
         """(lstat, stat) of ``path`` inside, or None."""
         self._need_running("stat")
         with self._errors(f"stat {path}"):
-            return files.stat(self.client, self.name, path)
+            return files.stat(self.client, self.name, path, inside=self._inside)
 
     def sha256(self, path: str) -> str:
         """The sha256 of the file at ``path`` inside."""
         self._need_running("sha256")
         with self._errors(f"sha256 {path}"):
-            return files.sha256(self.client, self.name, path)
+            return files.sha256(self.client, self.name, path, inside=self._inside)
 
     def put_archive(self, archive: bytes, dest: str, is_tree: bool) -> None:
         """Unpack a push's archive at ``dest`` inside."""
         self._need_running("push")
         with self._errors(f"pushing to {dest}"):
-            files.put_archive(self.client, self.name, archive, dest, is_tree)
+            files.put_archive(self.client, self.name, archive, dest, is_tree, inside=self._inside)
 
     def get_archive(self, path: str) -> bytes:
         """A tar of ``path`` inside."""
         self._need_running("pull")
         with self._errors(f"pulling {path}"):
-            return files.get_archive(self.client, self.name, path)
+            return files.get_archive(self.client, self.name, path, inside=self._inside)

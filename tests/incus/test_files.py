@@ -8,14 +8,16 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from incus_helpers import busybox_image, container, incus
 
+from pytest_incus.incus import exec as incus_exec
 from pytest_incus.incus import files
 from pytest_incus.incus.client import IncusClient
+from pytest_incus.values import ExecRequest, ExecResult
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +42,23 @@ def sh(name: str, cmd: str) -> str:
     return incus("exec", name, "--", "sh", "-c", cmd)
 
 
-def inside_of(name: str) -> files.Inside:
-    """What the machine gives: argv run as root inside, its stdout."""
+def inside_of(client: IncusClient, name: str) -> files.Inside:
+    """What the machine gives: argv run as root inside through the exec wrapper, its
+    result."""
 
-    def run(argv: object) -> bytes:
-        return incus("exec", name, "--", *argv).encode()  # type: ignore[misc]
+    def read(path: str) -> bytes:
+        return files.read_file(client, name, path)
+
+    def run(argv: Sequence[str]) -> ExecResult:
+        request = ExecRequest(tuple(argv), {}, None, None, None, 60.0)
+        return incus_exec.run(client, name, request, shell="/bin/sh", read_file=read)
 
     return run
+
+
+def no_tools(argv: Sequence[str]) -> ExecResult:
+    """An instance whose tools are all missing, as the exec wrapper says it."""
+    return ExecResult(127, b"", f"{argv[0]}: not found\n".encode(), 0.0)
 
 
 def test_write_read_and_stat(client: IncusClient, name: str) -> None:
@@ -59,7 +71,9 @@ def test_write_read_and_stat(client: IncusClient, name: str) -> None:
         True, 0o640, 0, 0, 7,
     )  # fmt: skip
     # replaced: truncated, new mode
-    files.write_file(client, name, "/srv/new/dir/text.txt", b"x", 0o4711, inside=inside_of(name))
+    files.write_file(
+        client, name, "/srv/new/dir/text.txt", b"x", 0o4711, inside=inside_of(client, name)
+    )
     assert sh(name, "stat -c '%a %s' /srv/new/dir/text.txt") == "4711 1\n"
     d = files.stat(client, name, "/srv/new")
     assert d is not None and stat.S_ISDIR(d[0].mode) and stat.S_IMODE(d[0].mode) == 0o755
@@ -95,7 +109,7 @@ def test_symlinks(client: IncusClient, name: str) -> None:
     for path in ("/pw", "/chain", "/danger/passwd", "/deep/rel/passwd"):
         assert files.read_file(client, name, path) == inside, path
         assert files.sha256(client, name, path) == hashlib.sha256(inside).hexdigest()
-    pair = files.stat(client, name, "/chain", inside=inside_of(name))
+    pair = files.stat(client, name, "/chain", inside=inside_of(client, name))
     assert pair is not None
     assert pair[0].is_symlink and not pair[1].is_symlink and stat.S_ISREG(pair[1].mode)
     assert pair[0].size == len("pw")
@@ -159,7 +173,7 @@ def test_put_and_get_a_tree(client: IncusClient, name: str, tmp_path: Path) -> N
     # and back out: "." and the same members, links as links
     with tarfile.open(
         fileobj=io.BytesIO(
-            files.get_archive(client, name, "/opt/new/place", inside=inside_of(name))
+            files.get_archive(client, name, "/opt/new/place", inside=inside_of(client, name))
         )
     ) as t:
         members = {m.name: m for m in t.getmembers()}
@@ -185,3 +199,59 @@ def test_put_and_get_one_file(client: IncusClient, name: str, tmp_path: Path) ->
     with tarfile.open(fileobj=io.BytesIO(files.get_archive(client, name, "/pw"))) as t:
         (member,) = t.getmembers()
         assert member.name == "pw" and member.issym() and member.linkname == "/etc/passwd"
+
+
+def test_stat_inside_has_special_bits_devices_and_relative_links(
+    client: IncusClient, name: str
+) -> None:
+    inside = inside_of(client, name)
+    sh(name, "touch /srv-suid && chmod 4711 /srv-suid && ln -sf ../srv-suid /deep/suid-link")
+    assert files.stat(client, name, "/tmp", inside=no_tools) is not None
+    tmp = files.stat(client, name, "/tmp", inside=inside)
+    assert tmp is not None and tmp[0] is tmp[1] and tmp[0].mode == stat.S_IFDIR | 0o1777
+    # the files API alone drops the sticky bit: why stat asks inside
+    api = files.stat(client, name, "/tmp")
+    assert api is not None and stat.S_IMODE(api[0].mode) == 0o777
+    pair = files.stat(client, name, "/deep/suid-link", inside=inside)
+    assert pair is not None and pair[0].is_symlink and pair[0].size == len("../srv-suid")
+    assert pair[1].mode == stat.S_IFREG | 0o4711 and not pair[1].is_symlink
+    null = files.stat(client, name, "/dev/null", inside=inside)
+    assert null is not None and stat.S_ISCHR(null[1].mode)
+    dangling = files.stat(client, name, "/dangling", inside=inside)
+    assert dangling is not None and dangling[0].is_symlink and dangling[1] is dangling[0]
+    assert files.stat(client, name, "/no/such/path", inside=inside) is None
+    assert files.stat(client, name, "/srv-suid/below", inside=inside) is None
+    # without the tools inside, the files API answers (permission bits only)
+    fallback = files.stat(client, name, "/srv-suid", inside=no_tools)
+    assert fallback is not None and stat.S_IMODE(fallback[0].mode) == 0o711
+
+
+def test_pseudo_files_are_read_inside(client: IncusClient, name: str) -> None:
+    inside = inside_of(client, name)
+    # the API reads by size: 0 for /proc, a 4096-byte promise that breaks off for /sys, and
+    # /proc/self is its own SFTP server
+    uid_map = files.read_file(client, name, "/proc/self/uid_map", inside=inside)
+    assert uid_map.split()[:1] == [b"0"] and len(uid_map.split()) == 3
+    operstate = "/sys/class/net/lo/operstate"
+    assert (
+        files.read_file(client, name, operstate, inside=inside)
+        == sh(name, f"cat {operstate}").encode()
+        and sh(name, f"cat {operstate}") != ""
+    )
+    assert (
+        files.read_file(client, name, "/proc/1/comm", inside=inside)
+        == sh(name, "cat /proc/1/comm").encode()
+    )
+    assert files.sha256(client, name, "/proc/self/uid_map", inside=inside) == (
+        hashlib.sha256(uid_map).hexdigest()
+    )
+    with pytest.raises(FileNotFoundError) as missing:
+        files.read_file(client, name, "/proc/pti-nowhere", inside=inside)
+    assert missing.value.filename == "/proc/pti-nowhere"
+    with pytest.raises(IsADirectoryError):
+        files.read_file(client, name, "/sys/class", inside=inside)
+    # an ordinary file is still read through the files API (no exec: cat is not needed)
+    assert (
+        files.read_file(client, name, "/pw", inside=no_tools)
+        == sh(name, "cat /etc/passwd").encode()
+    )

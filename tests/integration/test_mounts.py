@@ -212,6 +212,7 @@ def staging_mounts(directory: Path) -> list[Path]:
     return fsutil.mounts_below(directory)
 
 
+@pytest.mark.local_only(reason="looks at the staging mounts the local backend makes on this host")
 def test_stop_and_delete_leave_nothing_mounted(
     instance_factory: InstanceFactory, settings: Settings, tmp_path: Path
 ) -> None:
@@ -232,6 +233,7 @@ def test_stop_and_delete_leave_nothing_mounted(
     assert (tmp_path / "data.txt").read_text() == "data\n"
 
 
+@pytest.mark.local_only(reason="looks at the staging mounts the local backend makes on this host")
 def test_a_reaped_instance_leaves_nothing_mounted(
     instance_factory: InstanceFactory, settings: Settings, tmp_path: Path
 ) -> None:

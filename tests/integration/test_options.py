@@ -96,6 +96,9 @@ def test_mounts_are_visible_and_read_only(
     assert (host_dir / "data.txt").read_text() == "from the host\n"
 
 
+@pytest.mark.local_only(
+    reason="also checks who owns the instance's files in the overlay's upper layer on this host"
+)
 @pytest.mark.instance(image="busybox")
 def test_unprivileged_by_default(instance: Instance) -> None:
     assert instance.read_text("/proc/self/uid_map").split() == ["0", "1000000", "65536"]
@@ -111,6 +114,9 @@ def test_unprivileged_by_default(instance: Instance) -> None:
     assert r.exit_code != 0
 
 
+@pytest.mark.local_only(
+    reason="also checks who owns the instance's files in the overlay's upper layer on this host"
+)
 @pytest.mark.instance(image="busybox", privileged=True)
 def test_privileged(instance: Instance) -> None:
     assert instance.read_text("/proc/self/uid_map").split() == ["0", "0", "4294967295"]

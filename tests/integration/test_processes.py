@@ -94,6 +94,9 @@ def run_bomb(instance: Instance, argv: list[str], timeout: float) -> tuple[BombF
     return BombFigures(peak, refused, host_peak[0]), outcome
 
 
+@pytest.mark.local_only(
+    reason="reads the limit back from the container's pids cgroup on this host, as liblxc made it (the incus backend sets Incus's limits.processes, which the incus tests check)"
+)
 @pytest.mark.instance(image="busybox")
 def test_the_default_limit_is_applied(instance: Instance, settings: Settings) -> None:
     assert settings.max_processes == DEFAULT_MAX_PROCESSES
@@ -101,6 +104,9 @@ def test_the_default_limit_is_applied(instance: Instance, settings: Settings) ->
     assert instance.spec.processes == DEFAULT_MAX_PROCESSES
 
 
+@pytest.mark.local_only(
+    reason="reads the limit back from the container's pids cgroup on this host, as liblxc made it (the incus backend sets Incus's limits.processes, which the incus tests check)"
+)
 @pytest.mark.instance(image="busybox", processes=200)
 def test_the_option_overrides_the_default(instance: Instance) -> None:
     assert pids_max(instance) == 200
@@ -109,6 +115,9 @@ def test_the_option_overrides_the_default(instance: Instance) -> None:
     assert inside.stdout.split()[0] == "200", inside
 
 
+@pytest.mark.local_only(
+    reason="reads the limit back from the container's pids cgroup on this host, as liblxc made it (the incus backend sets Incus's limits.processes, which the incus tests check)"
+)
 def test_launch_takes_the_option(instance_factory: InstanceFactory, settings: Settings) -> None:
     inst = instance_factory.launch(image="busybox", processes=33)
     name = inst.name
@@ -119,6 +128,9 @@ def test_launch_takes_the_option(instance_factory: InstanceFactory, settings: Se
     assert_nothing_left(settings, name)
 
 
+@pytest.mark.local_only(
+    reason="reads the limit back from the container's pids cgroup on this host, as liblxc made it (the incus backend sets Incus's limits.processes, which the incus tests check)"
+)
 @pytest.mark.instance(image="debian/12", processes=BOMB_LIMIT, memory="256MiB", cpus=1)
 def test_a_fork_bomb_stays_under_the_limit(instance: Instance) -> None:
     # bash retries a refused fork, so its bomb goes on until the exec timeout kills it
@@ -144,6 +156,9 @@ def test_a_fork_bomb_stays_under_the_limit(instance: Instance) -> None:
     assert instance.exec("echo alive", timeout=30).stdout == "alive\n"
 
 
+@pytest.mark.local_only(
+    reason="reads the limit back from the container's pids cgroup on this host, as liblxc made it (the incus backend sets Incus's limits.processes, which the incus tests check)"
+)
 def test_exec_at_the_limit_says_so(instance_factory: InstanceFactory, settings: Settings) -> None:
     inst = instance_factory.launch(image="debian/12", processes=BOMB_LIMIT, memory="256MiB", cpus=1)
     name = inst.name
@@ -194,6 +209,9 @@ def busybox_app(image_store: ImageStore) -> Iterator[str]:
         fsutil.remove_tree(work)
 
 
+@pytest.mark.local_only(
+    reason="reads the limit back from the container's pids cgroup on this host, as liblxc made it (the incus backend sets Incus's limits.processes, which the incus tests check)"
+)
 def test_an_app_has_the_limit_too(
     instance_factory: InstanceFactory, busybox_app: str, settings: Settings
 ) -> None:

@@ -17,6 +17,9 @@ from pytest_incus.runtimes import cgroups
 from pytest_incus.settings import Settings
 
 
+@pytest.mark.local_only(
+    reason="looks for the LXC monitor, processes and cgroups that this host's liblxc makes"
+)
 @pytest.mark.parametrize(
     ("image", "privileged"),
     [("busybox", False), ("busybox", True), ("debian/12", False), ("debian/12", True)],
