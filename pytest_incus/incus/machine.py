@@ -55,6 +55,10 @@ MOUNT_PREFIX = "pti-mount"  # the disk devices of the spec's mounts
 NO_IDMAP = "idmapping abilities are required"  # Incus, of a filesystem it cannot idmap
 STATE_POLL = 0.05
 INSIDE_TIMEOUT = 60.0  # seconds for one file operation run inside (stat, cat, chmod, readlink)
+# Incus asks for cgroup:mixed, which liblxc ignores in a cgroup namespace (it leaves the
+# mounts to the container's init): an init that is not systemd (busybox's) would see an empty
+# /sys/fs/cgroup, and no limits. Forced, as the local backend's containers have them.
+CGROUP_MOUNT = "lxc.mount.auto = cgroup:mixed:force"
 INIT_EXEC_FAILED = 'Failed to exec "/sbin/init"'  # liblxc's words, in its log
 INIT_PROBE = 'read c < /proc/1/comm; echo "$c"'  # shell builtins only: any POSIX sh does it
 
@@ -148,6 +152,9 @@ class IncusMachine:
         for key, value in spec.env.items():
             config[f"environment.{key}"] = value
         config.update(source.config)
+        if spec.kind != "vm":
+            raw = [config.get("raw.lxc", "").rstrip("\n"), CGROUP_MOUNT]
+            config["raw.lxc"] = "\n".join(line for line in raw if line)
         config.update(owners.owner_config(spec.kind, spec.image, self.owner))
         devices: dict[str, dict[str, str]] = {}
         for i, (host, inside) in enumerate(sorted(spec.mounts.items())):
