@@ -31,8 +31,9 @@ the program, which runs as that user, can write there):
   have no ``/bin/sh`` of their own;
 - ``init``: a busybox ``sh`` script, the container's init (``raw.lxc``'s ``lxc.init.cmd``, run
   as the image's user in its working directory, as ``lxc.init.uid/gid/cwd`` say). It removes
-  :data:`APP_EXIT`, sends its own and the program's stdout and stderr to :data:`APP_LOG`
-  (appended: every run's output, as the local backend's ``app.log``), runs the program (its
+  :data:`APP_EXIT`, sends the program's stdout and stderr to :data:`APP_LOG` (appended:
+  every run's output, as the local backend's ``app.log``; the shell's own words, such as
+  its "Terminated" of a program a stop ended, go to the console), runs the program (its
   argv base64-encoded on init's command line, word by word: liblxc splits ``lxc.init.cmd`` on
   spaces and knows no escapes), forwards the stop signals (SIGPWR, SIGTERM, SIGINT, SIGHUP) to
   it as SIGTERM, and when it ends writes its exit status to :data:`APP_EXIT` (a number and a
@@ -112,16 +113,17 @@ APP_LOG = f"{APP_DIR}/log"
 _INIT_SCRIPT = f"""\
 # init of a pytest-incus app on Incus: runs the program its arguments name (each base64 of one
 # word, after an "x" so that no word is empty), logs, forwards stop signals, records the exit
+# Only the program's output goes to the log: the shell's own (its "Terminated" when a stop's
+# signal ends the program) goes to the console
 B={APP_BUSYBOX}
 $B rm -f {APP_EXIT}
-exec >>{APP_LOG} 2>&1 </dev/null
 n=$#
 for word; do
   v=$(printf %s "${{word#x}}" | $B base64 -d; echo .)
   set -- "$@" "${{v%.}}"
 done
 shift $n
-"$@" &
+"$@" >>{APP_LOG} 2>&1 </dev/null &
 child=$!
 trap 'signalled=1; $B kill -TERM $child 2>/dev/null' PWR TERM INT HUP
 while :; do
@@ -491,8 +493,8 @@ class IncusImages:
     ) -> None:
         remote = self.client.remote
         self.store.progress(
-            f"uploading image {entry.ref} to {remote} ({size / (1 << 20):.0f} MiB; once, "
-            "later runs use it)"
+            f"uploading image {entry.ref} to the Incus server at {remote} "
+            f"({size / (1 << 20):.0f} MiB; once, later runs use it)"
         )
         properties = {
             "pytest-incus.ref": entry.ref,
@@ -516,19 +518,19 @@ class IncusImages:
             if self._has(fp):  # another host uploaded it meanwhile
                 return
             raise ImageError(
-                f"uploading image {entry.ref} ({fp[:12]}) to the Incus server {remote} "
+                f"uploading image {entry.ref} ({fp[:12]}) to the Incus server at {remote} "
                 f"failed: {exc}; check the server's free space (its storage pool and "
                 "/var/lib/incus/images) and its log",
                 exc=exc,
             ) from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise ImageError(
-                f"uploading image {entry.ref} to {remote}: the server's answer is not an "
-                f"operation ({exc!r}); is {remote} an Incus server?",
+                f"uploading image {entry.ref} to the Incus server at {remote}: the server's "
+                f"answer is not an operation ({exc!r}); is {remote} an Incus server?",
                 exc=exc,
             ) from exc
         self.store.progress(
-            f"image {entry.ref} packed and uploaded to {remote} in "
+            f"image {entry.ref} packed and uploaded to the Incus server at {remote} in "
             f"{time.monotonic() - started:.1f}s"
         )
 
@@ -539,8 +541,8 @@ class IncusImages:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ImageError(
-                    f"uploading image {entry.ref} to {self.client.remote}: the server did not "
-                    f"take it in within {UPLOAD_TIMEOUT:.0f}s (operation {operation_id}); "
+                    f"uploading image {entry.ref} to the Incus server at {self.client.remote}: "
+                    f"the server did not take it in within {UPLOAD_TIMEOUT:.0f}s (operation {operation_id}); "
                     "check the server's load and log"
                 )
             done = self.client.wait(operation_id, timeout=min(left, 60.0))

@@ -39,11 +39,12 @@ from pytest_incus.incus.images import APP_EXIT, APP_LOG
 from pytest_incus.ownership import Owner
 from pytest_incus.runtimes import mounts, readiness
 from pytest_incus.spec import InstanceSpec
-from pytest_incus.values import ExecRequest, ExecResult, Stat
+from pytest_incus.values import ExecRequest, ExecResult, NetworkAttachment, Stat
 
 if TYPE_CHECKING:
     from pytest_incus.incus.client import IncusClient
     from pytest_incus.incus.images import Source
+    from pytest_incus.incus.networks import Placement
     from pytest_incus.incus.runtime import IncusRuntime
 
 log = logging.getLogger("pytest_incus")
@@ -54,6 +55,11 @@ MOUNT_PREFIX = "pti-mount"  # the disk devices of the spec's mounts
 NO_IDMAP = "idmapping abilities are required"  # Incus, of a filesystem it cannot idmap
 STATE_POLL = 0.05
 INSIDE_TIMEOUT = 60.0  # seconds for one file operation run inside (stat, cat, chmod, readlink)
+# Incus asks for cgroup:mixed, which liblxc ignores in a cgroup namespace (it leaves the
+# mounts to the container's init): an init that is not systemd (busybox's) would see an empty
+# /sys/fs/cgroup, and no limits. Forced, as the local backend's containers have them.
+CGROUP_MOUNT = "lxc.mount.auto = cgroup:mixed:force"
+INIT_EXEC_FAILED = 'Failed to exec "/sbin/init"'  # liblxc's words, in its log
 INIT_PROBE = 'read c < /proc/1/comm; echo "$c"'  # shell builtins only: any POSIX sh does it
 
 
@@ -104,7 +110,10 @@ class IncusMachine:
         self.owner = Owner.current()
         self._source: Source | None = None
         self._created = False
-        self._address: str | None = None  # on its network, as placed
+        self._placement: Placement | None = None  # on its network, as placed
+        self.network: NetworkAttachment | None = None
+        """Its place on its network (``Instance.network``), once started: the Incus bridge,
+        the host side of its veth pair (a new one at every start), address, MAC."""
         self._started_once = False
         self._console = b""  # the console log as read so far (see logs())
 
@@ -154,6 +163,9 @@ class IncusMachine:
         for key, value in spec.env.items():
             config[f"environment.{key}"] = value
         config.update(source.config)
+        if spec.kind != "vm":
+            raw = [config.get("raw.lxc", "").rstrip("\n"), CGROUP_MOUNT]
+            config["raw.lxc"] = "\n".join(line for line in raw if line)
         config.update(owners.owner_config(spec.kind, spec.image, self.owner))
         devices: dict[str, dict[str, str]] = {}
         for i, (host, inside) in enumerate(sorted(spec.mounts.items())):
@@ -190,7 +202,7 @@ class IncusMachine:
                 body["config"]["raw.lxc"] = "\n".join(line for line in raw if line)
                 operation = self._post(body)
                 self._await_record(operation, deadline)
-            self._address = placement.address
+            self._placement = placement
             self._wait_created(operation, deadline)
             files.write_file(
                 self.client, self.name, "/etc/resolv.conf", placement.resolv_conf.encode(), 0o644
@@ -293,11 +305,32 @@ class IncusMachine:
                 f"Incus did not start it within boot_timeout={self.spec.boot_timeout}s"
             ) from exc
         except ServerError as exc:
-            raise self._start_error(f"Incus could not start it: {exc}") from exc
+            raise self._start_error(f"Incus could not start it: {exc}", lxc_log=True) from exc
         self._started_once = True
+        self._attach()
         if self.spec.kind == "app":
             return  # ready as soon as it runs (or has run): wait() and logs() tell
         self._wait_ready(deadline)
+
+    def _attach(self) -> None:
+        """Set ``network`` from the started instance: its veth's host side and its MAC are
+        Incus's choice (the rest is the placement's)."""
+        placement = self._placement
+        if placement is None:
+            return
+        # the instance's volatile keys, not its /state: that one fails while an app ends
+        with self._errors("reading its network"):
+            instance = self.client.call("GET", self._path) or {}
+        config = instance.get("config") or {}
+        self.network = NetworkAttachment(
+            network=placement.network,
+            bridge=placement.incus_network,  # an Incus bridge's interface has its name
+            device=str(config.get("volatile.eth0.host_name", "")),
+            address=placement.address,
+            prefix=placement.prefix,
+            gateway=placement.gateway,
+            mac=str(config.get("volatile.eth0.hwaddr", "")),
+        )
 
     def _put_start(self, deadline: float) -> None:
         self.client.call(
@@ -364,8 +397,26 @@ class IncusMachine:
         elif not self.running():
             raise self._start_error("its init exited at once; is its /sbin/init a working init?")
 
-    def _start_error(self, what: str) -> InstanceStartError:
+    def _lxc_log(self) -> str:
+        """The errors liblxc logged for the instance's last start (Incus keeps its
+        ``lxc.log``, at every level): the lines of level ERROR, as the local backend's
+        ``lxc.log`` has them; "" if there is none or no log."""
+        try:
+            response = self.client.request("GET", f"{self._path}/logs/lxc.log")
+        except IncusError:
+            return ""
+        return "\n".join(line for line in response.text.splitlines() if " ERROR " in line)
+
+    def _start_error(self, what: str, *, lxc_log: bool = False) -> InstanceStartError:
+        """The error of a start that failed, with the console's tail; with ``lxc_log`` (Incus
+        could not start it at all: its own error only says its forkstart failed), liblxc's
+        errors too, which say why (``Failed to exec "/sbin/init"``)."""
+        errors = tail(self._lxc_log()) if lxc_log else ""
+        if INIT_EXEC_FAILED in errors:
+            what += "; is its /sbin/init a working init?"
         error = InstanceStartError(f"{self._where} (image {self.spec.image}): {what}")
+        if errors:
+            error.add_note("liblxc log:\n" + errors)
         console = ""
         with contextlib.suppress(IncusError):
             console = tail(self.logs())
@@ -424,6 +475,15 @@ class IncusMachine:
                 timeout=owners.STOP_TIMEOUT,
             )
 
+    def keep(self) -> None:
+        """Mark it kept on the server (``--incus-keep``): ``reap_server`` (``pytest-incus
+        reap`` from any host) leaves it, as the local record's mark makes the local reap do.
+        Nothing if it was never created or is gone."""
+        if not self._created:
+            return
+        with contextlib.suppress(NotRunningError), self._errors("marking it kept"):
+            owners.mark_kept(self.client, self.name)
+
     def destroy(self) -> None:
         """Force stop and delete it on the server; nothing if it is already gone."""
         owners.delete_instance(self.client, self.name)
@@ -433,7 +493,7 @@ class IncusMachine:
     def ipv4(self) -> str | None:
         """Its address on its network, as the server reports it (the placed one until then);
         None for no network."""
-        if self._address is None:
+        if self._placement is None:
             return None
         with contextlib.suppress(IncusError):
             state = self.client.call("GET", f"{self._path}/state")
@@ -441,7 +501,7 @@ class IncusMachine:
             for address in eth0.get("addresses") or []:
                 if address.get("family") == "inet" and address.get("scope") == "global":
                     return str(address["address"])
-        return self._address
+        return self._placement.address
 
     def logs(self) -> str:
         """The console log: the messages of init, every boot's (Incus keeps it across

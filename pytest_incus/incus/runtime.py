@@ -155,9 +155,16 @@ class IncusRuntime:
         """The local runtime's checks of the kind, and the options Incus cannot honour: a VM's
         own kernel, initrd or command line (an Incus VM boots its image's kernel through its
         firmware). ``init="agent"``, a way to boot faster, is taken as a hint: an Incus VM boots
-        its image's init, and is ready when systemd says so, as ``init="systemd"`` is."""
+        its image's init, and is ready when systemd says so, as ``init="systemd"`` is.
+
+        Asks the server (once a session) whether it runs VMs at all: if not, UnavailableError
+        comes first, whatever the options."""
         self._local.check(spec)
         if spec.kind == "vm":
+            # a server that runs no VM at all: that is what the user must hear (and what
+            # --incus-skip-unavailable skips on), not which VM option it would not take
+            if reason := self.unavailable():
+                raise UnavailableError(f"cannot launch kind='vm' here: {reason}")
             for option, value in (
                 ("kernel", spec.kernel),
                 ("initrd", spec.initrd),

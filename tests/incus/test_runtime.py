@@ -190,6 +190,23 @@ def test_reap_server_deletes_only_what_a_dead_owner_left(
     assert live.running() and other_host.running()
 
 
+def test_a_kept_instance_of_a_dead_owner_stays_unless_asked(
+    runtimes: dict[str, IncusRuntime], client: IncusClient, made: list[str], tmp_path: Path
+) -> None:
+    kept = machine(runtimes["container"], made, tmp_path)
+    kept.owner = dead_owner()
+    kept.keep()  # never created: nothing to mark, no error
+    kept.start()
+    kept.keep()
+    records = {r.name: r for r in owners.server_instances(client)}
+    assert records[kept.name].kept and records[kept.name].orphaned
+    assert owners.reap_server(client, names=[kept.name]) == []
+    assert kept.running()
+    assert owners.reap_server(client, names=[kept.name], include_kept=True) == [kept.name]
+    assert kept._status() is None
+    kept.keep()  # gone: nothing to mark, no error
+
+
 def test_reap_by_name_deletes_only_our_instances(
     runtimes: dict[str, IncusRuntime], client: IncusClient, made: list[str], tmp_path: Path
 ) -> None:
@@ -210,21 +227,40 @@ def test_a_vm_is_refused_with_incus_own_reason(
         pytest.skip(f"this Incus server runs VMs (drivers {drivers})")
     reason = runtime.unavailable()
     assert reason is not None and "vhost_vsock kernel module not loaded" in reason, reason
-    m = machine(runtime, made, tmp_path, image="debian/12")
+    # the check says it first, before any option Incus would not take (kernel_args here)
+    spec = InstanceSpec.parse("vm", "debian/12", {"kernel_args": "quiet"}, where="test")
+    with pytest.raises(UnavailableError, match="vhost_vsock kernel module not loaded"):
+        runtime.check(spec)
+    # and a machine made without the check refuses to start
+    spec = InstanceSpec.parse("vm", "debian/12", {"boot_timeout": 60}, where="test")
+    name = fresh(made)
+    (tmp_path / name).mkdir()
+    m = runtime.create(
+        spec.with_defaults(max_processes=256, network="none"), name, tmp_path / name, None
+    )
     with pytest.raises(UnavailableError, match="vhost_vsock kernel module not loaded"):
         m.start()
     assert m._status() is None  # nothing was left on the server
 
 
 def test_options_incus_cannot_honour_are_config_errors(
-    runtimes: dict[str, IncusRuntime], tmp_path: Path
+    incus_client: IncusClient, runtimes: dict[str, IncusRuntime], tmp_path: Path
 ) -> None:
+    # on a server that runs VMs: this one is taken as one (its refusal, once known, is what
+    # a check says first: test_a_vm_is_refused_with_incus_own_reason)
+    settings = Settings(
+        cache_dir=default_cache_dir(), backend="incus", project=incus_client.project
+    )
+    context = RuntimeContext.of(ImageStore(settings))
+    vm = next(r for r in incus_runtimes(context, client=lambda: incus_client) if r.kind == "vm")
+    assert isinstance(vm, IncusRuntime)
+    vm.server._vm_asked, vm.server._vm_refusal = True, None
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"")
     spec = InstanceSpec.parse("vm", "debian/12", {"kernel": str(kernel)}, where="test")
     with pytest.raises(ConfigError, match="kernel= is not supported"):
-        runtimes["vm"].check(spec)
-    runtimes["vm"].check(InstanceSpec.parse("vm", "debian/12", {"init": "agent"}, where="t"))
+        vm.check(spec)
+    vm.check(InstanceSpec.parse("vm", "debian/12", {"init": "agent"}, where="t"))
     spec = InstanceSpec.parse("container", "busybox", {"memory": "1MiB"}, where="test")
     with pytest.raises(ConfigError, match="too little"):  # the local runtime's own check
         runtimes["container"].check(spec)
