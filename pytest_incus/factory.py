@@ -203,6 +203,7 @@ class InstanceFactory:
             return
         instance.kept = True
         registry.mark_kept(instance.directory)
+        instance.machine.keep()
 
     def _delete(self, instance: Instance) -> None:
         if instance.kept:

@@ -92,6 +92,11 @@ class Machine(Protocol):
         init does not end."""
         ...
 
+    def keep(self) -> None:
+        """``--incus-keep`` keeps the instance after its run: say so wherever its backend
+        records its owner (the local record is the factory's), so that no reap removes it."""
+        ...
+
 
 class Networks(Protocol):
     """A backend's networks: where ``network="bridged"`` (or a name) puts an instance."""

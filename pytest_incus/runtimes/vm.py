@@ -648,6 +648,9 @@ class VirtualMachine:
         error.add_note("console log:\n" + (console or "(empty: the guest printed nothing)"))
         return error
 
+    def keep(self) -> None:
+        """Nothing to add: this host's record of the instance (the factory's) says it."""
+
     @property
     def ipv4(self) -> str | None:
         """The address of its host-only network lease; None for no network."""
