@@ -236,12 +236,31 @@ def _target(path: str, link: str) -> str:
     return posixpath.join(posixpath.dirname(path) or "/", link)
 
 
+def _in_the_way(client: IncusClient, instance: str, path: str) -> str:
+    """The first component of ``path`` that exists and is not a directory (``path`` itself if
+    none is found): what makes a path below it "not a directory"."""
+    parts = [part for part in path.split("/") if part]
+    for end in range(1, len(parts)):
+        prefix = "/" + "/".join(parts[:end])
+        try:
+            found = _head(client, instance, prefix)
+        except OSError:
+            break
+        if found is not None and not stat_module.S_ISDIR(found.mode) and not found.is_symlink:
+            return prefix
+    return path
+
+
 def _resolve(client: IncusClient, instance: str, path: str) -> tuple[str, Stat | None]:
     """Follow the symlinks of ``path``'s last component: the path of what it finally names
     and its stat (None: missing, or the end of a dangling link)."""
     current = path
     for _ in range(MAX_HOPS):
-        found = _head(client, instance, current)
+        try:
+            found = _head(client, instance, current)
+        except NotADirectoryError as exc:
+            # name what is in the way, as the kernel's error does for the local backend
+            raise _os_error(errno.ENOTDIR, _in_the_way(client, instance, current)) from exc
         if found is None or not found.is_symlink:
             return current, found
         current = _target(current, _readlink(client, instance, current))
