@@ -7,14 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from incus_helpers import TEST_PROJECT
 
 from pytest_incus import fsutil
 from pytest_incus.errors import UnavailableError
 from pytest_incus.incus.client import IncusClient
 
-# the test suite's project on this machine's Incus, made by scripts/incus-setup.sh (its default
-# profile's root disk is on a btrfs pool of its own)
-TEST_PROJECT = "pytest-incus"
 # scratch files (certificates, incus configurations): not under /tmp, as in tests/conftest.py
 SCRATCH = Path("/var/cache/pytest-incus-tests")
 

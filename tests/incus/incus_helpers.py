@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 SCRATCH = Path("/var/lib/pti-exec")
+# the suite's project on this machine's Incus, made by scripts/incus-setup.sh (its default
+# profile's root disk is on a btrfs pool of its own)
+TEST_PROJECT = "pytest-incus"
 CACHE = Path(os.environ.get("PYTEST_INCUS_CACHE_DIR", "/var/cache/pytest-incus"))
 
 

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from conftest import TEST_PROJECT
+from incus_helpers import TEST_PROJECT
 
 from pytest_incus import ImageStore, InstanceFactory
 from pytest_incus.incus.client import IncusClient

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from incus_helpers import TEST_PROJECT
 from registry_helpers import build_image, image_of_rootfs
 from simplestreams_helpers import ImageServer, build_tree, make_image
 
@@ -49,14 +50,13 @@ ECHO_CONFIG = [
 
 # the test suite's project on this machine's Incus (scripts/incus-setup.sh makes it), as
 # tests/incus/conftest.py's incus_client uses
-PROJECT = "pytest-incus"
 
 
 class CountingClient(IncusClient):
     """The real client, counting the requests it makes (method, path)."""
 
     def __init__(self) -> None:
-        super().__init__(project=PROJECT)
+        super().__init__(project=TEST_PROJECT)
         self.requests: list[tuple[str, str]] = []
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -69,7 +69,7 @@ class CountingClient(IncusClient):
 
 @pytest.fixture
 def client() -> Iterator[IncusClient]:
-    with IncusClient(project=PROJECT) as c:
+    with IncusClient(project=TEST_PROJECT) as c:
         c.check()
         yield c
 
