@@ -10,9 +10,11 @@ a real destination of the host.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 from collections.abc import Collection, Iterable
+from pathlib import Path
 
 from pytest_incus import tools
 from pytest_incus.errors import ConfigError, IncusError
@@ -24,8 +26,16 @@ CANDIDATES = tuple(ipaddress.IPv4Network(f"10.{n}.0.0/16") for n in range(213, 2
 NETWORK_PREFIX = 24  # each network is a /24 of the subnet: 253 instances
 
 
+RESOLV_CONF = Path("/etc/resolv.conf")
+
+
 def host_routes() -> list[tuple[Net, str]]:
-    """Every IPv4 route of the host (all tables, default routes left out) with its device."""
+    """Every IPv4 route of the host (all tables) with its device, default routes left out,
+    and, as /32s, the addresses the host reaches through its default routes: their gateways,
+    and the nameservers of /etc/resolv.conf (device "resolv.conf"). A network over any of
+    these would shadow it: a bridge's connected route wins over the default route, and the
+    host would lose its gateway or its DNS (a nameserver such as 10.255.255.53 lies in a
+    private range any chooser may pick)."""
     said = tools.run(
         ["ip", "-4", "-j", "route", "show", "table", "all"],
         what="ip route (the host's routes)",
@@ -34,14 +44,28 @@ def host_routes() -> list[tuple[Net, str]]:
     )
     routes = []
     for route in json.loads(said.stdout or b"[]"):
-        dst = route.get("dst", "")
-        if dst in ("", "default"):
-            continue  # the default route is no conflict: a more specific one wins over it
-        try:
-            routes.append((ipaddress.IPv4Network(dst, strict=False), str(route.get("dev", ""))))
-        except ValueError:
-            continue
-    return routes
+        dst, dev = route.get("dst", ""), str(route.get("dev", ""))
+        with contextlib.suppress(ValueError):
+            if dst in ("", "default"):  # no conflict itself: a more specific route wins
+                if route.get("gateway"):
+                    routes.append((ipaddress.IPv4Network(f"{route['gateway']}/32"), dev))
+                continue
+            routes.append((ipaddress.IPv4Network(dst, strict=False), dev))
+    return routes + _nameservers()
+
+
+def _nameservers() -> list[tuple[Net, str]]:
+    try:
+        text = RESOLV_CONF.read_text(errors="replace")
+    except OSError:
+        return []
+    found = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            with contextlib.suppress(ValueError):
+                found.append((ipaddress.IPv4Network(f"{words[1]}/32"), "resolv.conf"))
+    return found
 
 
 def overlapping(subnet: Net, routes: Iterable[tuple[Net, str]], own: Collection[str]) -> list[str]:
