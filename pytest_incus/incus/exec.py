@@ -263,7 +263,11 @@ class _Reader(threading.Thread):
         self.ws.settimeout(READ_POLL)
         while not self.stop.is_set():
             try:
-                opcode, data = self.ws.recv_data()
+                # frames, not recv_data(): that one answers a ping itself, and when the server
+                # has sent its ping, the output and its end and closed the connection, the
+                # answer fails (EPIPE) before the output already received is returned (seen
+                # once in 400 short commands)
+                frame = self.ws.recv_frame()  # type: ignore[no-untyped-call]
             except websocket.WebSocketTimeoutException:
                 continue
             except (websocket.WebSocketConnectionClosedException, ConnectionError):
@@ -271,12 +275,21 @@ class _Reader(threading.Thread):
             except (websocket.WebSocketException, OSError) as exc:
                 self.error = exc
                 return
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
+            if frame.opcode == websocket.ABNF.OPCODE_CLOSE:
                 return
-            if opcode in (websocket.ABNF.OPCODE_BINARY, websocket.ABNF.OPCODE_TEXT):
-                if not data:  # an empty message: how older servers said end of file
-                    return
-                self.chunks.append(data)
+            if frame.opcode == websocket.ABNF.OPCODE_PING:
+                # Incus's keep-alive: answered if the connection still takes it
+                with contextlib.suppress(websocket.WebSocketException, OSError):
+                    self.ws.pong(frame.data)
+                continue
+            if frame.opcode in (
+                websocket.ABNF.OPCODE_BINARY,
+                websocket.ABNF.OPCODE_TEXT,
+                websocket.ABNF.OPCODE_CONT,
+            ):
+                if not frame.data and frame.opcode != websocket.ABNF.OPCODE_CONT:
+                    return  # an empty message: how the server says end of file
+                self.chunks.append(frame.data)
 
     def output(self) -> bytes:
         """What was read (all of it once the thread has ended)."""
