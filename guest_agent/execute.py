@@ -60,35 +60,55 @@ class User:
         return base
 
 
+def passwd_entry(text: str, user: str | int) -> User | None:
+    """The entry of ``user`` (a name, a uid, or a uid as a str) in passwd file ``text``; a uid
+    with no entry is that uid with home ``/``; None for a name with no entry."""
+    wanted: str | int = int(user) if isinstance(user, str) and user.isdigit() else user
+    for line in text.splitlines():
+        parts = line.split(":")
+        if len(parts) >= 7 and (parts[0] == wanted or parts[2] == str(wanted)):
+            try:
+                return User(parts[0], int(parts[2]), int(parts[3]), parts[5], parts[6])
+            except ValueError:
+                continue
+    if isinstance(wanted, int):
+        return User(str(wanted), wanted, wanted, "/", "/bin/sh")
+    return None
+
+
+def group_ids(text: str, name: str, gid: int) -> list[int]:
+    """``gid`` and the gids of the groups in group file ``text`` that list ``name`` as a
+    member, sorted."""
+    groups = {gid}
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4 and name in fields[3].split(","):
+            try:
+                groups.add(int(fields[2]))
+            except ValueError:
+                continue
+    return sorted(groups)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def lookup_user(user: str | int | None) -> User:
     """The user named (or numbered) ``user``, this process's own for None."""
     wanted: str | int = os.getuid() if user is None else user
-    if isinstance(wanted, str) and wanted.isdigit():
-        wanted = int(wanted)
-    try:
-        with open("/etc/passwd") as f:
-            for line in f:
-                parts = line.rstrip("\n").split(":")
-                if len(parts) >= 7 and (parts[0] == wanted or parts[2] == str(wanted)):
-                    return User(parts[0], int(parts[2]), int(parts[3]), parts[5], parts[6])
-    except OSError:
-        pass
-    if isinstance(wanted, int):
-        return User(str(wanted), wanted, wanted, "/", "/bin/sh")
-    raise CommandError(f"no user {wanted!r} in /etc/passwd", user=str(wanted))
+    found = passwd_entry(_read("/etc/passwd"), wanted)
+    if found is None:
+        raise CommandError(f"no user {wanted!r} in /etc/passwd", user=str(wanted))
+    return found
 
 
 def _groups_of(name: str, gid: int) -> list[int]:
-    groups = {gid}
-    try:
-        with open("/etc/group") as f:
-            for line in f:
-                fields = line.rstrip("\n").split(":")
-                if len(fields) >= 4 and name in fields[3].split(","):
-                    groups.add(int(fields[2]))
-    except (OSError, ValueError):
-        pass
-    return sorted(groups)
+    return group_ids(_read("/etc/group"), name, gid)
 
 
 def working_dir(user: User, cwd: str | None) -> str:

@@ -42,11 +42,11 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import websocket
 
+from guest_agent.execute import DEFAULT_PATH, User, group_ids, passwd_entry
 from pytest_incus.errors import (
     ExecTimeoutError,
     IncusError,
@@ -59,7 +59,6 @@ from pytest_incus.values import ExecRequest, ExecResult
 if TYPE_CHECKING:
     from pytest_incus.incus.client import IncusClient
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CHUNK = 1 << 16  # bytes of stdin per websocket message
 READ_POLL = 0.5  # seconds each websocket read may block before the reader looks at its stop flag
 KILL_GRACE = 2.0  # seconds after the kill for the operation to end and its streams to close
@@ -170,63 +169,18 @@ exit 0
 """
 
 
-@dataclass(frozen=True)
-class User:
-    """A user as the instance's /etc/passwd describes it."""
-
-    name: str
-    uid: int
-    gid: int
-    home: str
-    shell: str
-
-
-def parse_passwd(text: str, user: str | int) -> User | None:
-    """The entry of ``user`` (a name, a uid, or a uid as a str) in passwd ``text``; a uid
-    with no entry is that uid with home ``/`` (as the local backend has it); None for a name
-    with no entry."""
-    wanted: str | int = int(user) if isinstance(user, str) and user.isdigit() else user
-    for line in text.splitlines():
-        parts = line.split(":")
-        if len(parts) >= 7 and (parts[0] == wanted or parts[2] == str(wanted)):
-            try:
-                return User(parts[0], int(parts[2]), int(parts[3]), parts[5], parts[6])
-            except ValueError:
-                continue
-    if isinstance(wanted, int):
-        return User(str(wanted), wanted, wanted, "/", "/bin/sh")
-    return None
-
-
-def member_gids(text: str, user: User) -> list[int]:
-    """The gids of the groups in group file ``text`` that list ``user`` as a member, and its
-    primary gid first."""
-    gids = [user.gid]
-    for line in text.splitlines():
-        parts = line.split(":")
-        if len(parts) >= 4 and user.name in parts[3].split(","):
-            with contextlib.suppress(ValueError):
-                if int(parts[2]) not in gids:
-                    gids.append(int(parts[2]))
-    return gids
-
-
-def _groups(user: User, read_file: Callable[[str], bytes]) -> list[int]:
+def _text(read_file: Callable[[str], bytes], path: str) -> str:
     try:
-        text = read_file("/etc/group").decode("utf-8", "replace")
+        return read_file(path).decode("utf-8", "replace")
     except FileNotFoundError:
-        return [user.gid]
-    return member_gids(text, user)
+        return ""
 
 
 def lookup_user(user: str | int, read_file: Callable[[str], bytes]) -> User | None:
-    """``user`` as the instance's /etc/passwd (read with ``read_file``) gives it, None if it
-    has no such name; a missing passwd has no users but the numeric ones."""
-    try:
-        text = read_file("/etc/passwd").decode("utf-8", "replace")
-    except FileNotFoundError:
-        text = ""
-    return parse_passwd(text, user)
+    """``user`` as the instance's /etc/passwd (read with ``read_file``) gives it (the guest
+    agent's rule), None if it has no such name; a missing passwd has no users but the
+    numeric ones."""
+    return passwd_entry(_text(read_file, "/etc/passwd"), user)
 
 
 @contextlib.contextmanager
@@ -320,16 +274,8 @@ def _environment(request: ExecRequest, user: User | None) -> tuple[dict[str, str
     if user is None:
         base = {"PATH": DEFAULT_PATH, "USER": "root", "LOGNAME": "root", "HOME": "/root"}
         fill = [key for key in ("HOME", "SHELL") if key not in request.env]
-    else:
-        base = {
-            "PATH": DEFAULT_PATH,
-            "HOME": user.home,
-            "USER": user.name,
-            "LOGNAME": user.name,
-            "SHELL": user.shell or "/bin/sh",
-        }
-        fill = []
-    return {**base, **request.env}, fill
+        return {**base, **request.env}, fill
+    return user.environment(dict(request.env)), []
 
 
 def run(
@@ -386,7 +332,11 @@ def run(
     else:
         body["command"] = argv
         body["cwd"] = request.cwd or ("/root" if user is None else user.home)
-    if shell is not None and user is not None and len(gids := _groups(user, read_file)) > 1:
+    if (
+        shell is not None
+        and user is not None
+        and len(gids := group_ids(_text(read_file, "/etc/group"), user.name, user.gid)) > 1
+    ):
         switched = {
             **body,
             "user": 0,
