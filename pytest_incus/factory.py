@@ -19,6 +19,7 @@ from pytest_incus.runtimes.protocol import Runtime
 from pytest_incus.runtimes.table import RuntimeTable
 from pytest_incus.settings import Settings
 from pytest_incus.spec import InstanceSpec
+from pytest_incus.values import Keep
 
 log = logging.getLogger("pytest_incus")
 
@@ -180,16 +181,23 @@ class InstanceFactory:
         if self._used is None or self._live.get(instance.name) is not instance:
             return  # between tests, or deleted, or not ours
         self._used.setdefault(instance.name, instance)
-        if self.settings.keep == "always":
+        if self.settings.keep is Keep.ALWAYS:
             self.keep(instance)
+
+    def used(self) -> list[Instance]:
+        """The instances the running test used that still exist, in the order it first used
+        them; none between tests."""
+        if self._used is None:
+            return []
+        return [inst for inst in self._used.values() if self._live.get(inst.name) is inst]
 
     def keep_used(self) -> list[Instance]:
         """Call when the running test failed: under ``--incus-keep=failed`` or ``always``,
         keep every instance it used that still exists. Returns the kept ones, in the order
         the test first used them."""
-        if self._used is None or self.settings.keep == "never":
+        if self.settings.keep is Keep.NEVER:
             return []
-        used = [inst for inst in self._used.values() if self._live.get(inst.name) is inst]
+        used = self.used()
         for inst in used:
             self.keep(inst)
         return used

@@ -24,3 +24,10 @@ def pytest_incus_build_image(config: pytest.Config, ref: str, rootfs: Path) -> b
 
 def pytest_incus_instance_ready(instance: Instance) -> None:
     """Called after every launch, once the instance is ready: prepare it further."""
+
+
+def pytest_incus_failure_sections(instance: Instance) -> list[tuple[str, str]] | None:
+    """Called for each instance a failed test used, while it still runs: return a list of
+    ``(title, text)`` pairs, each of which becomes a section of that test's report (say the
+    output of ``instance.exec("systemctl status myservice").stdout``). Return None or an empty
+    list to add nothing."""

@@ -14,10 +14,12 @@ import io
 import math
 import os
 import re
+import shlex
 import socket
 import stat as stat_module
 import tarfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any, Concatenate, ParamSpec, TypeGuard, TypeVar
 from pytest_incus.errors import (
     ConfigError,
     ExecError,
+    ExecTimeoutError,
     IncusError,
     NotRunningError,
     WaitTimeoutError,
@@ -33,7 +36,14 @@ from pytest_incus.errors import (
 )
 from pytest_incus.runtimes.protocol import Machine
 from pytest_incus.spec import InstanceSpec
-from pytest_incus.values import ExecRequest, ExecResult, InstanceState, NetworkAttachment, Stat
+from pytest_incus.values import (
+    CommandRecord,
+    ExecRequest,
+    ExecResult,
+    InstanceState,
+    NetworkAttachment,
+    Stat,
+)
 
 # How often wait_for_port and wait_for_log look again: a fraction of the time a service takes
 # to start, and still cheap (a refused connection or a read of the log costs microseconds).
@@ -44,6 +54,8 @@ POLL_INTERVAL = 0.02
 # to CONNECT_LONGEST, so that a guest that answers slowly (a loaded TCG VM) is still reached.
 CONNECT_FIRST = 0.25
 CONNECT_LONGEST = 2.0
+# The commands an instance remembers for the report of a failed test: its newest ones.
+HISTORY = 20
 
 
 @dataclass(frozen=True)
@@ -169,6 +181,7 @@ class Instance:
         self._on_delete = on_delete
         self._on_use = on_use
         self._state = InstanceState.RUNNING
+        self._history: deque[CommandRecord] = deque(maxlen=HISTORY)
         self.kept = False
 
     def __repr__(self) -> str:
@@ -210,6 +223,12 @@ class Instance:
         return attachment if isinstance(attachment, NetworkAttachment) else None
 
     @property
+    def history(self) -> tuple[CommandRecord, ...]:
+        """The last commands run through ``exec`` (oldest first), with their exit codes and
+        durations: what the report of a failed test shows."""
+        return tuple(self._history)
+
+    @property
     def directory(self) -> Path:
         """Where the instance's files live on the host (logs, overlay upper layer)."""
         return self.machine.directory
@@ -247,8 +266,18 @@ class Instance:
             input=None if input is None else _bytes(asked, "input", input),
             timeout=_limit(asked, self._exec_timeout if timeout is None else timeout),
         )
-        with self._running(asked):
-            result = self.machine.exec(request)
+        shown = cmd if isinstance(cmd, str) else shlex.join(request.argv)
+        started = time.monotonic()
+        try:
+            with self._running(asked):
+                result = self.machine.exec(request)
+        except BaseException as exc:
+            failure = "timed out" if isinstance(exc, ExecTimeoutError) else type(exc).__name__
+            self._history.append(
+                CommandRecord(shown, None, time.monotonic() - started, failure=failure)
+            )
+            raise
+        self._history.append(CommandRecord(shown, result.exit_code, result.duration))
         if check and not result.ok:
             raise ExecError(
                 f"{cmd!r} in {self.name} exited with {result.exit_code}; stderr:\n"

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pytest_incus import hookspecs, registry, signals
+from pytest_incus import fixtures, hookspecs, registry, signals
 from pytest_incus.errors import ConfigError
 from pytest_incus.factory import InstanceFactory
-from pytest_incus.fixtures import image_store, instance, instance_factory, instance_target
+from pytest_incus.fixtures import CONFIG_ERRORS, FACTORY, MARKERS, SETTINGS, STORE
 from pytest_incus.images.store import ImageStore
-from pytest_incus.instance import Instance
 from pytest_incus.ownership import Owner, process_start_time
 from pytest_incus.runtimes.context import RuntimeContext
 from pytest_incus.runtimes.table import RuntimeTable
@@ -33,15 +31,7 @@ from pytest_incus.settings import (
     Settings,
     default_cache_dir,
 )
-from pytest_incus.spec import InstanceSpec, instance_id
 
-__all__ = ["image_store", "instance", "instance_factory", "instance_target"]
-
-SETTINGS = pytest.StashKey[Settings]()
-STORE = pytest.StashKey[ImageStore]()
-FACTORY = pytest.StashKey[InstanceFactory]()
-CONFIG_ERRORS = pytest.StashKey[list[ConfigError]]()
-SHOWN = pytest.StashKey[set[str]]()  # kept instances a test's report already names
 SIGNALS = pytest.StashKey[signals.RunSignals]()
 
 MARKER_HELP = (
@@ -274,9 +264,12 @@ def _settings(config: pytest.Config) -> Settings:
 def pytest_configure(config: pytest.Config) -> None:
     """Register the marker and set up the image store and the instance factory."""
     config.addinivalue_line("markers", MARKER_HELP)
+    # the fixtures, and the collection and report hooks that feed them
+    config.pluginmanager.register(fixtures, "incus-fixtures")
     settings = _settings(config)
     config.stash[SETTINGS] = settings
     config.stash[CONFIG_ERRORS] = []
+    config.stash[MARKERS] = {}
     store = ImageStore(
         settings,
         progress=_progress_writer(config),
@@ -364,102 +357,3 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     finally:
         if run_signals is not None:
             run_signals.restore()
-
-
-def marker_targets(
-    node: pytest.Item | pytest.Function | Any, settings: Settings
-) -> tuple[list[tuple[str, str]], dict[str, Any], bool]:
-    """(kind, image) pairs of the closest ``instance`` marker, its options, and whether it
-    asks for parametrization (a list for kind or image)."""
-    marker = node.get_closest_marker("instance")
-    if marker is None:
-        return [(settings.default_kind, settings.default_image)], {}, False
-    if marker.args:
-        raise ConfigError(
-            f"{node.nodeid}: the instance marker takes keyword arguments only, "
-            f"got positional {marker.args!r}; write kind=..., image=..."
-        )
-    options = dict(marker.kwargs)
-    kinds = options.pop("kind", settings.default_kind)
-    images = options.pop("image", settings.default_image)
-    many = isinstance(kinds, (list, tuple)) or isinstance(images, (list, tuple))
-    kinds = list(kinds) if isinstance(kinds, (list, tuple)) else [kinds]
-    images = list(images) if isinstance(images, (list, tuple)) else [images]
-    return [(k, i) for k in kinds for i in images], options, many
-
-
-def spec_for(node: Any, settings: Settings, target: tuple[str, str] | None) -> InstanceSpec:
-    """The checked spec of the instance that ``node``'s marker asks for."""
-    pairs, options, _ = marker_targets(node, settings)
-    kind, image = target or pairs[0]
-    spec = InstanceSpec.parse(kind, image, options, where=node.nodeid)
-    node.config.stash[FACTORY].check(spec, where=node.nodeid)
-    return spec
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Check every marker at collection; parametrize over lists of kinds and images."""
-    settings = metafunc.config.stash[SETTINGS]
-    node = metafunc.definition
-    try:
-        pairs, _, many = marker_targets(node, settings)
-        for pair in pairs:
-            spec_for(node, settings, pair)
-    except ConfigError as exc:
-        metafunc.config.stash[CONFIG_ERRORS].append(exc)
-        return
-    if many and "instance_target" in metafunc.fixturenames:
-        metafunc.parametrize("instance_target", pairs, ids=[instance_id(k, i) for k, i in pairs])
-
-
-def pytest_collection_modifyitems(config: pytest.Config) -> None:
-    """Stop the run on the first bad marker, with its one-line reason."""
-    errors = config.stash[CONFIG_ERRORS]
-    if errors:
-        raise errors[0]
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(
-    item: pytest.Item, nextitem: pytest.Item | None
-) -> Generator[None, object, object]:
-    """Let the factory note what each test uses, from its setup to its teardown."""
-    with item.config.stash[FACTORY].running_test():
-        return (yield)
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Keep what a failed test used (``--incus-keep``) and say how to enter it."""
-    report = yield
-    factory = item.config.stash[FACTORY]
-    for inst in fixture_instances(item):
-        factory.use(inst)
-    if report.failed:
-        shown = item.stash.setdefault(SHOWN, set())
-        settings = item.config.stash[SETTINGS]
-        for inst in factory.keep_used():
-            if inst.name not in shown:  # a test that fails, then errors in teardown: once
-                shown.add(inst.name)
-                report.sections.append(("pytest-incus", shell_hint(inst, settings)))
-    return report
-
-
-def fixture_instances(item: pytest.Item) -> Iterator[Instance]:
-    """The instances among the test's fixture values (module- and session-scoped ones too),
-    also those in a list, tuple, set or dict that a fixture returned."""
-    for value in (getattr(item, "funcargs", None) or {}).values():
-        if isinstance(value, dict):
-            values = list(value.values())
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            values = list(value)
-        else:
-            values = [value]
-        yield from (v for v in values if isinstance(v, Instance))
-
-
-def shell_hint(inst: Instance, settings: Settings) -> str:
-    """The line that tells how to get a shell in a kept instance."""
-    return f"instance {inst.name} is kept: {settings.command(f'shell {inst.name}')}"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pytest_incus.errors import ConfigError
 from pytest_incus.spec import network_problem
+from pytest_incus.values import AccelMode, Keep
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_IMAGE_SERVER = "https://images.linuxcontainers.org"  # the public Incus image server
@@ -22,10 +23,10 @@ DEFAULT_EXEC_TIMEOUT = 600.0
 # each reach it stay under half of the smallest common pid_max (32768). A fixed number rather
 # than a share of this host's pid_max, so that a test that passes here behaves the same on CI.
 DEFAULT_MAX_PROCESSES = 1024
-KEEP_CHOICES = ("never", "failed", "always")
+KEEP_CHOICES = tuple(Keep)
 BACKEND_CHOICES = ("local", "incus")  # the plugin as its own engine, or an Incus server
 DEFAULT_PROJECT = "default"
-ACCEL_CHOICES = ("auto", "kvm", "tcg")
+ACCEL_CHOICES = tuple(AccelMode)
 CACHE_ENV = "PYTEST_INCUS_CACHE_DIR"
 DEFAULT_NETWORK = "none"
 # The prefix lengths --incus-subnet may have: a /8 is the largest private range (10.0.0.0/8);
@@ -95,9 +96,9 @@ class Settings:
     max_processes: int = DEFAULT_MAX_PROCESSES  # per container or app (its `processes`)
     default_image: str = DEFAULT_IMAGE
     default_kind: str = DEFAULT_KIND
-    keep: str = "never"
+    keep: Keep = Keep.NEVER
     skip_unavailable: bool = False
-    accel: str = "auto"  # VMs: "kvm", "tcg", or "auto" (probe that KVM really runs a guest)
+    accel: AccelMode = AccelMode.AUTO  # VMs: KVM, TCG, or AUTO (probe that KVM really runs a guest)
     insecure_registries: frozenset[str] = frozenset()  # host[:port] of plain-HTTP registries
     vm_snapshots: bool = True  # VMs resume a saved first boot (runtimes/snapshot.py)
     subnet: str | None = None  # host-only networks' addresses; None: the network module chooses
@@ -138,6 +139,9 @@ class Settings:
             raise ConfigError(
                 f"--incus-accel={self.accel!r}; use one of {', '.join(ACCEL_CHOICES)}"
             )
+        # the words of the ini file and the command line, as the enums they name
+        object.__setattr__(self, "keep", Keep(self.keep))
+        object.__setattr__(self, "accel", AccelMode(self.accel))
         if self.backend not in BACKEND_CHOICES:
             raise ConfigError(
                 f"--incus-backend={self.backend!r}; use one of {', '.join(BACKEND_CHOICES)}"

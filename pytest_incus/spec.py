@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from pytest_incus.errors import ConfigError
+from pytest_incus.values import Kind, VmInit
 
-KINDS = ("container", "app", "vm")
+KINDS = tuple(Kind)
 NETWORKS = ("none", "bridged")  # the network option's own words; no network may be named so
-VM_INITS = ("systemd", "agent")
+VM_INITS = tuple(VmInit)
 
 _UNITS = {
     "": 1,
@@ -133,7 +134,7 @@ def instance_id(kind: str, image: str) -> str:
 class InstanceSpec:
     """A checked description of one instance to launch."""
 
-    kind: str
+    kind: Kind
     image: str
     cpus: int | None = None
     memory: int | None = None  # bytes
@@ -146,7 +147,7 @@ class InstanceSpec:
     kernel: str | None = None
     initrd: str | None = None
     kernel_args: str = ""
-    init: str = "systemd"
+    init: VmInit = VmInit.SYSTEMD
     command: tuple[str, ...] | None = None
     boot_timeout: float = 60.0
     name: str | None = None
@@ -205,7 +206,9 @@ class InstanceSpec:
         if "network" in values and (problem := network_problem(values["network"])):
             raise bad(f"option network={values['network']!r} {problem}")
         if values.get("init", "systemd") not in VM_INITS:
-            raise bad(f"option init={values['init']!r}; use one of {VM_INITS}")
+            raise bad(
+                f"option init={values['init']!r}; use one of {', '.join(map(repr, VM_INITS))}"
+            )
         if "command" in values:
             if not values["command"] or not all(isinstance(a, str) for a in values["command"]):
                 raise bad(f"option command={values['command']!r} must be a non-empty list of str")
@@ -222,7 +225,9 @@ class InstanceSpec:
         for key in ("kernel", "initrd"):
             if key in values:
                 values[key] = str(values[key])
-        return cls(kind=kind, image=image, **values)
+        if "init" in values:
+            values["init"] = VmInit(values["init"])
+        return cls(kind=Kind(kind), image=image, **values)
 
     def with_defaults(self, *, max_processes: int, network: str) -> InstanceSpec:
         """This spec with the run's defaults filled in where the options left them open:

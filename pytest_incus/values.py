@@ -11,6 +11,46 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 
+class Choice(enum.StrEnum):
+    """A word the user writes (a kind, a ``--incus-keep`` value): a ``str`` that compares,
+    hashes and formats as the word, so that ``kind == "vm"``, ``{"vm": ...}[kind]`` and JSON
+    records keep working; its repr is the word's, so messages quote it as the user wrote it."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Kind(Choice):
+    """The three kinds of instance that Incus knows."""
+
+    CONTAINER = "container"  # a system container: a full distro with its own init
+    APP = "app"  # an application container of an OCI image
+    VM = "vm"  # a virtual machine with its own kernel
+
+
+class Keep(Choice):
+    """``--incus-keep``: which instances stay after their test."""
+
+    NEVER = "never"
+    FAILED = "failed"  # those a failed test used
+    ALWAYS = "always"
+
+
+class AccelMode(Choice):
+    """``--incus-accel``: how VMs run."""
+
+    AUTO = "auto"  # KVM if it really runs a guest here, else TCG
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class VmInit(Choice):
+    """A VM's ``init`` option: what its kernel starts."""
+
+    SYSTEMD = "systemd"  # the image's systemd; ready when the system is up
+    AGENT = "agent"  # straight into the guest agent, for the fastest start
+
+
 class InstanceState(enum.Enum):
     """Where an instance is in its life."""
 
@@ -43,6 +83,21 @@ class ExecResult:
     def ok(self) -> bool:
         """True when the exit code is 0."""
         return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    """A command that ran in an instance, for the report of a failed test."""
+
+    command: str  # as a shell would show it
+    exit_code: int | None  # None: it gave no exit code (see ``failure``)
+    duration: float  # seconds
+    failure: str | None = None  # what ended it instead, e.g. "timed out"
+
+    @property
+    def outcome(self) -> str:
+        """``exit 0``, ``exit 127`` or what ended it."""
+        return f"exit {self.exit_code}" if self.failure is None else self.failure
 
 
 @dataclass(frozen=True)

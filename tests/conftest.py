@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pytest_incus import fsutil, network
-from pytest_incus.plugin import SETTINGS
+from pytest_incus.fixtures import SETTINGS
 from pytest_incus.settings import Settings
 
 pytest_plugins = ["pytester"]

@@ -56,15 +56,13 @@ from pytest_incus.images.source import (
     container_builder,
 )
 from pytest_incus.settings import Settings
+from pytest_incus.values import Kind
 
 log = logging.getLogger("pytest_incus")
 
 RECORD = "image.json"
 BUILD_LOG = "builds.jsonl"
 LOCK_TIMEOUT = 3600.0
-
-KINDS = ("container", "vm", "app")
-
 
 _counter = itertools.count()
 _STAGING = re.compile(r".+\.(\d+)\.\d+")  # a staging directory: <key>.<builder's pid>.<n>
@@ -202,10 +200,10 @@ class ImageStore:
                 "the name, or implement the hook in your conftest.py"
             )
         if kind is not None:
-            if kind not in KINDS:
+            if kind not in tuple(Kind):
                 raise ConfigError(
                     f"image {image!r}: kind={kind!r} images are not supported yet; "
-                    f"this version builds images for {' and '.join(KINDS)}"
+                    f"this version builds images for {', '.join(Kind)}"
                 )
             if problem := self.problem(ref, _form(kind)):
                 raise ConfigError(f"image {image!r} with kind={kind!r}: {problem}")

@@ -23,13 +23,11 @@ from pytest_incus.runtimes.context import RuntimeContext
 from pytest_incus.runtimes.protocol import Networks, Runtime
 from pytest_incus.settings import Settings
 from pytest_incus.spec import InstanceSpec
-from pytest_incus.values import NetworkAttachment
+from pytest_incus.values import Kind, NetworkAttachment
 
 if TYPE_CHECKING:
     from pytest_incus.incus.client import IncusClient
     from pytest_incus.incus.images import Source
-
-KINDS = ("container", "app", "vm")
 
 
 class SourceMaker(Protocol):
@@ -251,4 +249,4 @@ def incus_runtimes(
         "app": AppRuntime(context),
         "vm": VmRuntime(context),
     }
-    return [IncusRuntime(kind, server, local[kind], networks) for kind in KINDS]
+    return [IncusRuntime(kind, server, local[kind], networks) for kind in Kind]

@@ -35,6 +35,7 @@ from pytest_incus import fsutil
 from pytest_incus.errors import ImageError, UnavailableError
 from pytest_incus.images import initramfs
 from pytest_incus.runtimes import qemu
+from pytest_incus.values import AccelMode
 
 log = logging.getLogger("pytest_incus")
 
@@ -61,13 +62,13 @@ TCG_CPU = "Nehalem,+rdrand"  # the emulated CPU under TCG: see Accel.qemu_args
 class Accel:
     """The accelerator chosen for this host, and why."""
 
-    name: str  # "kvm" or "tcg"
+    name: AccelMode  # KVM or TCG
     reason: str  # why: what the verdict rests on, or that it was forced
 
     @property
     def qemu_args(self) -> list[str]:
         """QEMU's ``-accel`` option for it."""
-        if self.name == "kvm":
+        if self.name is AccelMode.KVM:
             return ["-accel", "kvm", "-cpu", "host"]
         # one host thread per vCPU, and a bigger translation cache than the default. The CPU
         # has RDRAND, so the guest kernel's RNG is ready at once (without it, it waited about
@@ -128,7 +129,7 @@ def probe_kvm(workdir: Path, kernel: Path, deadline: float = PROBE_DEADLINE) -> 
     its QEMU at an internal error or past ``deadline`` seconds."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return Verdict(False, "/dev/kvm is missing or not accessible", "probe", time.time())
-    return boot_probe(workdir, kernel, Accel("kvm", "the probe"), deadline)
+    return boot_probe(workdir, kernel, Accel(AccelMode.KVM, "the probe"), deadline)
 
 
 def boot_probe(workdir: Path, kernel: Path, accel: Accel, deadline: float) -> Verdict:
@@ -256,24 +257,24 @@ def record(cache_dir: Path, seen: Verdict, kernel: Path | None) -> Verdict:
 
 def _as_accel(found: Verdict) -> Accel:
     if found.works:
-        return Accel("kvm", found.describe())
-    return Accel("tcg", f"KVM does not work here: {found.describe()}")
+        return Accel(AccelMode.KVM, found.describe())
+    return Accel(AccelMode.TCG, f"KVM does not work here: {found.describe()}")
 
 
-def choose(requested: str, cache_dir: Path, kernel: Path) -> Accel:
-    """The accelerator for ``requested`` ("auto", "kvm" or "tcg"), probing KVM with ``kernel``
+def choose(requested: AccelMode, cache_dir: Path, kernel: Path) -> Accel:
+    """The accelerator for ``requested`` (AUTO, KVM or TCG), probing KVM with ``kernel``
     (a VM image's) if this host has no verdict yet.
 
     A forced "kvm" that does not work raises UnavailableError. The choice is made once per
     process and cache directory (``mark_broken`` changes it).
     """
-    if requested == "tcg":
-        return Accel("tcg", "--incus-accel=tcg")
+    if requested is AccelMode.TCG:
+        return Accel(AccelMode.TCG, "--incus-accel=tcg")
     with _lock:
         if cache_dir not in _chosen:
             _chosen[cache_dir] = _as_accel(verdict(cache_dir, kernel))
         accel = _chosen[cache_dir]
-    if requested == "kvm" and accel.name != "kvm":
+    if requested is AccelMode.KVM and accel.name is not AccelMode.KVM:
         raise UnavailableError(
             f"--incus-accel=kvm was asked, but {accel.reason}; "
             "use --incus-accel=auto or tcg to run VMs without KVM (much slower), or fix KVM "

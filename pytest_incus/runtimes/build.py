@@ -38,7 +38,7 @@ from pytest_incus.images.store import Image
 from pytest_incus.runtimes.container import Container, HostNetwork, _hook_path
 from pytest_incus.settings import DEFAULT_MAX_PROCESSES
 from pytest_incus.spec import InstanceSpec
-from pytest_incus.values import ExecRequest
+from pytest_incus.values import ExecRequest, Kind
 
 log = logging.getLogger("pytest_incus")
 
@@ -122,7 +122,7 @@ class ContainerBuilder:
         directory = work / name
         directory.mkdir(mode=0o755)
         spec = InstanceSpec(
-            kind="container",
+            kind=Kind.CONTAINER,
             image=base.ref,
             privileged=True,  # on the unshifted base: the entry is unshifted like every image
             processes=DEFAULT_MAX_PROCESSES,

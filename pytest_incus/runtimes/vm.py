@@ -54,7 +54,14 @@ from pytest_incus.network import links
 from pytest_incus.runtimes import accel, qemu, readiness, snapshot
 from pytest_incus.runtimes.local import LocalRuntime
 from pytest_incus.spec import VM_INITS, InstanceSpec
-from pytest_incus.values import ExecRequest, ExecResult, NetworkAttachment, Stat
+from pytest_incus.values import (
+    AccelMode,
+    ExecRequest,
+    ExecResult,
+    NetworkAttachment,
+    Stat,
+    VmInit,
+)
 
 log = logging.getLogger("pytest_incus")
 
@@ -103,7 +110,7 @@ class VmRuntime(LocalRuntime):
         """Reject what a VM can never do: impossible sizes, paths that do not exist (an
         image without a kernel is the image store's to reject)."""
         if spec.init not in VM_INITS:
-            raise ConfigError(f"init={spec.init!r}; use one of {VM_INITS}")
+            raise ConfigError(f"init={spec.init!r}; use one of {', '.join(map(repr, VM_INITS))}")
         if spec.cpus is not None and spec.cpus > (os.cpu_count() or 1):
             raise ConfigError(f"cpus={spec.cpus} but this host has only {os.cpu_count()} CPUs")
         if spec.memory is not None and spec.memory < MIN_MEMORY:
@@ -142,7 +149,7 @@ class VmRuntime(LocalRuntime):
             )
         except IncusError as exc:
             raise InstanceStartError(f"VM {name}: {exc}") from exc
-        if chosen.name == "tcg" and settings.accel == "auto":
+        if chosen.name is AccelMode.TCG and settings.accel is AccelMode.AUTO:
             _announce(
                 f"VMs run under TCG (emulation, much slower than KVM): {chosen.reason}",
                 self.context.progress,
@@ -405,7 +412,7 @@ class VirtualMachine:
         say so once, and make this VM a TCG one (a fresh disk, if nothing had run on it); with
         a forced ``kvm``, a clear error."""
         settings = self._images.settings
-        if settings.accel != "auto":
+        if settings.accel is not AccelMode.AUTO:
             raise InstanceStartError(
                 f"VM {self.name}: --incus-accel=kvm was asked, but KVM stopped the guest: "
                 f"{failure.reason}. KVM does not run Linux guests on this host; use "
@@ -442,7 +449,7 @@ class VirtualMachine:
             except (IncusError, OSError) as exc:
                 if watch.reason is None:
                     raise
-                if watch.kvm_error and self.accel.name == "kvm":
+                if watch.kvm_error and self.accel.name is AccelMode.KVM:
                     raise self._start_error(watch.reason, KvmFailure, reason=watch.reason) from exc
                 raise self._start_error(watch.reason) from exc
 
@@ -526,7 +533,7 @@ class VirtualMachine:
             # loaded in the saved guest already (0.3 s less to the first exec under TCG)
             snapshot.refresh(self._agent)
             self._agent.exec(WARM_UP)
-            if self.spec.init == "systemd":
+            if self.spec.init is VmInit.SYSTEMD:
                 self._agent.exec(SETTLE)  # modules udev still loads would load in every resume
             save_deadline = min(deadline, time.monotonic() + SAVE_DEADLINE)
             snapshot.save(self._qemu, self.directory / DISK, target, save_deadline)
@@ -574,7 +581,7 @@ class VirtualMachine:
             with self._watching():
                 self._connect_qmp(deadline)
                 self._agent = self._connect_agent(deadline)
-                if self.spec.init == "systemd":
+                if self.spec.init is VmInit.SYSTEMD:
                     self._wait_systemd(deadline)
         except BaseException:
             self._kill()

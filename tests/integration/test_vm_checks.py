@@ -16,6 +16,7 @@ from pytest_incus.images import vm as vm_images
 from pytest_incus.images.store import ImageStore
 from pytest_incus.runtimes import accel
 from pytest_incus.settings import Settings
+from pytest_incus.values import AccelMode
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def test_kvm_probe_is_cached_per_host(
     scratch_cache: Path, fresh_choice: None, vm_kernel: Path
 ) -> None:
     started = time.monotonic()
-    first = accel.choose("auto", scratch_cache, vm_kernel)
+    first = accel.choose(AccelMode.AUTO, scratch_cache, vm_kernel)
     probing = time.monotonic() - started
     assert probing < accel.PROBE_DEADLINE + 2, "the probe must give up quickly"
     assert host_processes(str(scratch_cache)) == [], "the probe's QEMU is still running"
@@ -81,7 +82,7 @@ def test_kvm_probe_is_cached_per_host(
 
     accel.forget()  # as a new process would
     started = time.monotonic()
-    second = accel.choose("auto", scratch_cache, vm_kernel)
+    second = accel.choose(AccelMode.AUTO, scratch_cache, vm_kernel)
     assert time.monotonic() - started < 0.5, "the cached answer was not used"
     assert second.name == first.name
     assert second.reason.endswith(", cached)")
@@ -89,7 +90,9 @@ def test_kvm_probe_is_cached_per_host(
 
 def test_kvm_probe_guest_reaches_its_init_under_tcg(scratch_cache: Path, vm_kernel: Path) -> None:
     # the probe's guest itself is sound: where KVM fails, it is KVM, not the probe
-    verdict = accel.boot_probe(scratch_cache, vm_kernel, accel.Accel("tcg", "forced"), 120.0)
+    verdict = accel.boot_probe(
+        scratch_cache, vm_kernel, accel.Accel(AccelMode.TCG, "forced"), 120.0
+    )
     assert verdict.works, verdict.detail
     assert "reached its init in" in verdict.detail
 
@@ -97,7 +100,7 @@ def test_kvm_probe_guest_reaches_its_init_under_tcg(scratch_cache: Path, vm_kern
 def test_forced_kvm_that_does_not_work_is_a_clear_error(
     scratch_cache: Path, settings: Settings, fresh_choice: None, vm_kernel: Path
 ) -> None:
-    if accel.choose("auto", scratch_cache, vm_kernel).name == "kvm":
+    if accel.choose(AccelMode.AUTO, scratch_cache, vm_kernel).name is AccelMode.KVM:
         pytest.skip("KVM works on this host")  # HOST.md: it does not, here
     forced = Settings(cache_dir=settings.cache_dir, accel="kvm")
     factory = InstanceFactory(forced, ImageStore(forced))
@@ -113,7 +116,7 @@ def test_forced_kvm_fails_the_inner_test_with_the_reason(
     settings: Settings,
     vm_kernel: Path,
 ) -> None:
-    if accel.choose("auto", settings.cache_dir, vm_kernel).name == "kvm":
+    if accel.choose(AccelMode.AUTO, settings.cache_dir, vm_kernel).name is AccelMode.KVM:
         pytest.skip("KVM works on this host")
     pytester.makepyfile(
         """
