@@ -34,6 +34,7 @@ from pytest_incus.settings import (
     default_cache_dir,
 )
 from pytest_incus.spec import InstanceSpec, instance_id
+from pytest_incus.summary import SummaryPlugin, Tally
 
 __all__ = ["image_store", "instance", "instance_factory", "instance_target"]
 
@@ -272,11 +273,14 @@ def _settings(config: pytest.Config) -> Settings:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Register the marker and set up the image store and the instance factory."""
+    """Register the marker, set up the image store and the instance factory, and the
+    terminal summary of what they launched and made."""
     config.addinivalue_line("markers", MARKER_HELP)
     settings = _settings(config)
     config.stash[SETTINGS] = settings
     config.stash[CONFIG_ERRORS] = []
+    tally = Tally()
+    config.pluginmanager.register(SummaryPlugin(config, tally), "pytest-incus-summary")
     store = ImageStore(
         settings,
         progress=_progress_writer(config),
@@ -284,6 +288,7 @@ def pytest_configure(config: pytest.Config) -> None:
             config=config, ref=ref, rootfs=rootfs
         ),
         hook_implemented=lambda: bool(config.hook.pytest_incus_build_image.get_hookimpls()),
+        tally=tally,
     )
     config.stash[STORE] = store
     config.stash[FACTORY] = InstanceFactory(
@@ -291,6 +296,7 @@ def pytest_configure(config: pytest.Config) -> None:
         store,
         RuntimeTable.default(RuntimeContext.of(store)),
         on_ready=lambda inst: config.hook.pytest_incus_instance_ready(instance=inst),
+        tally=tally,
     )
     run_signals = signals.RunSignals()
     run_signals.install()

@@ -2,8 +2,9 @@
 
 One :class:`Tally` per process counts what the factory launched (per kind, with the launch
 times) and what the image store made (built, downloaded, fetched, derived; boot snapshots
-saved). Under pytest-xdist each worker keeps its own, and the controller merges them
-(:meth:`Tally.merge`), so that the summary covers the whole run::
+saved). Under pytest-xdist each worker keeps its own and sends it back to the controller with
+the worker's output (``config.workeroutput``), where :class:`SummaryPlugin` merges them, so
+that the summary covers the whole run::
 
     pytest-incus: 12 instances: 8 container (median 0.21 s, slowest 0.9 s), 4 vm (...)
     pytest-incus: images built: debian/12 (38.2 s); downloaded: images:alpine/3.20 (1.2 s)
@@ -16,6 +17,10 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping
 from typing import Any
+
+import pytest
+
+WORKER_OUTPUT = "pytest_incus_tally"  # the key of a worker's tally in its workeroutput
 
 # how an image came to be, in the order the summary lists them
 HOWS = ("built", "downloaded", "fetched", "derived", "copied")
@@ -131,3 +136,37 @@ def _count(n: int, noun: str) -> str:
 
 def _seconds(seconds: float) -> str:
     return f"{seconds:.2g} s" if seconds < 1 else f"{seconds:.1f} s"
+
+
+class SummaryPlugin:
+    """The hooks of the terminal summary: a worker hands its tally to xdist, the controller
+    merges the workers' tallies, and the controller (or a run without xdist) writes it."""
+
+    def __init__(self, config: pytest.Config, tally: Tally) -> None:
+        self.config = config
+        self.tally = tally
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """On an xdist worker: put the tally in the worker's output, which xdist sends to
+        the controller once this hook has run."""
+        output = getattr(session.config, "workeroutput", None)
+        if output is not None:
+            output[WORKER_OUTPUT] = self.tally.to_data()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object | None) -> None:
+        """On the controller: add the tally of a worker that finished (a worker that crashed
+        sends none)."""
+        data = getattr(node, "workeroutput", {}).get(WORKER_OUTPUT)
+        if isinstance(data, Mapping):
+            self.tally.merge(data)
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        """Write the summary (the controller's, or a run's without xdist)."""
+        if hasattr(self.config, "workerinput"):
+            return  # an xdist worker: its tally goes to the controller
+        lines = self.tally.lines(self.config.get_verbosity())
+        if lines:
+            terminalreporter.ensure_newline()
+        for line in lines:
+            terminalreporter.write_line(line)
