@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from pytest_incus.runtimes.protocol import Runtime
 from pytest_incus.runtimes.table import RuntimeTable
 from pytest_incus.settings import Settings
 from pytest_incus.spec import InstanceSpec
+from pytest_incus.summary import Tally
 from pytest_incus.values import Keep
 
 log = logging.getLogger("pytest_incus")
@@ -35,6 +37,8 @@ class InstanceFactory:
 
     Instances run on the backend ``settings.backend`` names, made by the runtime that
     ``runtimes`` (by default every backend's, on ``images``) has for it and their kind.
+    ``tally`` (by default the image store's) counts the launches, with their times, for the
+    run's summary.
     """
 
     def __init__(
@@ -44,8 +48,10 @@ class InstanceFactory:
         runtimes: RuntimeTable | None = None,
         *,
         on_ready: Callable[[Instance], None] | None = None,
+        tally: Tally | None = None,
     ) -> None:
         self.settings = settings
+        self.tally = tally if tally is not None else images.tally
         self.images = images
         self.runtimes = runtimes or RuntimeTable.default(
             RuntimeContext(settings, images, images.progress)
@@ -98,6 +104,8 @@ class InstanceFactory:
         if spec.packages:
             derived = self.images.derive(spec.image, packages=spec.packages, kind=spec.kind)
             made = dataclasses.replace(spec, image=derived.ref, packages=())
+        # the launch's time, from here to ready, leaves out the images it waited to be made
+        started, building = time.monotonic(), self.tally.build_seconds
         name = spec.name or f"pti-{secrets.token_hex(4)}"
         directory = self.settings.instances_dir / name
         self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +163,8 @@ class InstanceFactory:
                     exc=exc,
                 ) from exc
             raise
+        launch_seconds = time.monotonic() - started - (self.tally.build_seconds - building)
+        self.tally.launched(spec.kind, max(launch_seconds, 0.0))
         self.use(instance)
         if self._on_ready is not None:
             try:

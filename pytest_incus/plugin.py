@@ -31,6 +31,7 @@ from pytest_incus.settings import (
     Settings,
     default_cache_dir,
 )
+from pytest_incus.summary import SummaryPlugin, Tally
 
 SIGNALS = pytest.StashKey[signals.RunSignals]()
 
@@ -262,7 +263,8 @@ def _settings(config: pytest.Config) -> Settings:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Register the marker and set up the image store and the instance factory."""
+    """Register the marker, set up the image store and the instance factory, and the
+    terminal summary of what they launched and made."""
     config.addinivalue_line("markers", MARKER_HELP)
     # the fixtures, and the collection and report hooks that feed them
     config.pluginmanager.register(fixtures, "incus-fixtures")
@@ -270,6 +272,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SETTINGS] = settings
     config.stash[CONFIG_ERRORS] = []
     config.stash[MARKERS] = {}
+    tally = Tally()
+    config.pluginmanager.register(SummaryPlugin(config, tally), "incus-summary")
     store = ImageStore(
         settings,
         progress=_progress_writer(config),
@@ -277,6 +281,7 @@ def pytest_configure(config: pytest.Config) -> None:
             config=config, ref=ref, rootfs=rootfs
         ),
         hook_implemented=lambda: bool(config.hook.pytest_incus_build_image.get_hookimpls()),
+        tally=tally,
     )
     config.stash[STORE] = store
     config.stash[FACTORY] = InstanceFactory(
@@ -284,6 +289,7 @@ def pytest_configure(config: pytest.Config) -> None:
         store,
         RuntimeTable.default(RuntimeContext.of(store)),
         on_ready=lambda inst: config.hook.pytest_incus_instance_ready(instance=inst),
+        tally=tally,
     )
     run_signals = signals.RunSignals()
     run_signals.install()

@@ -56,6 +56,7 @@ from pytest_incus.images.source import (
     container_builder,
 )
 from pytest_incus.settings import Settings
+from pytest_incus.summary import Tally
 from pytest_incus.values import Kind
 
 log = logging.getLogger("pytest_incus")
@@ -63,6 +64,18 @@ log = logging.getLogger("pytest_incus")
 RECORD = "image.json"
 BUILD_LOG = "builds.jsonl"
 LOCK_TIMEOUT = 3600.0
+
+# how each source makes its images, as the run's summary says it (see summary.py)
+HOW_MADE = {
+    "busybox": "built",
+    "debian": "built",
+    "hook": "built",
+    "simplestreams": "downloaded",
+    "oci": "fetched",
+    "derived": "derived",
+    "local": "copied",
+}
+
 
 _counter = itertools.count()
 _STAGING = re.compile(r".+\.(\d+)\.\d+")  # a staging directory: <key>.<builder's pid>.<n>
@@ -154,7 +167,9 @@ class ImageStore:
     ``build_hook`` asks plugins to build names the store does not know itself (the
     ``pytest_incus_build_image`` hook), and ``hook_implemented`` says whether any plugin
     implements it (asked when a name is checked: conftest files load during collection; by
-    default, whether there is a ``build_hook``); ``progress`` shows long steps to the user.
+    default, whether there is a ``build_hook``); ``progress`` shows long steps to the user;
+    ``tally`` counts the images made for the run's summary (the ones users wait for: not the
+    uid-shifted copies, and a VM image once, as ``<name> (vm)``).
     """
 
     def __init__(
@@ -166,8 +181,10 @@ class ImageStore:
         progress: Progress | None = None,
         image_sources: Sequence[ImageSource] = sources.DEFAULT,
         builder: Builder | None = None,
+        tally: Tally | None = None,
     ) -> None:
         self.settings = settings
+        self.tally = tally if tally is not None else Tally()
         self._hook_implemented = hook_implemented or (lambda: build_hook is not None)
         self.progress: Progress = progress or log.info
         """Shows a line to the user (pytest's terminal writer under pytest)."""
@@ -267,6 +284,7 @@ class ImageStore:
             base=version.base,
             not_older_than=version.not_older_than,
             recipe=version.recipe,
+            made=self._made(ref, form),
         )
         self._seen[(ref.key, form)] = entry
         return entry
@@ -285,7 +303,15 @@ class ImageStore:
             base=root.key,
             not_older_than=root.created,
             recipe=vm.recipe(),
+            made=self._made(ref, "vm"),
         )
+
+    def _made(self, ref: ImageRef, form: str) -> Callable[[float], None]:
+        """What tallies a build of ``ref``'s entry in ``form``: a VM image's root filesystem
+        and its disk add up to one image, ``<name> (vm)``."""
+        label = f"{ref.name} (vm)" if form in ("vm", "vm-rootfs") else ref.name
+        how = HOW_MADE.get(ref.source, "built")
+        return lambda seconds: self.tally.image_made(label, how, seconds)
 
     def shifted(self, image: Image, base_id: int) -> Image:
         """A copy of ``image`` with every owner moved up by ``base_id``, for unprivileged use.
@@ -332,6 +358,7 @@ class ImageStore:
             kind="vm-boot",
             base=image.key,
             not_older_than=image.created,
+            made=lambda seconds: self.tally.snapshot_saved(image.ref),
         )
 
     def discard(self, entry: Image) -> None:
@@ -438,7 +465,10 @@ class ImageStore:
         base: str | None = None,
         not_older_than: float = 0.0,
         recipe: str = "",
+        made: Callable[[float], None] | None = None,
     ) -> Image:
+        """The entry ``key``, built by ``make`` if it is not cached (or out of date); then
+        ``made`` is called with the seconds the build took."""
         final = self.settings.images_dir / key
 
         def current(entry: Image | None) -> Image | None:
@@ -458,7 +488,9 @@ class ImageStore:
                     log.warning("image cache entry %s is incomplete or corrupt; rebuilding", final)
                 fsutil.remove_tree(final)
             self._remove_stale_staging(key)
-            return self._build_entry(key, make, ref=ref, kind=kind, base=base, recipe=recipe)
+            return self._build_entry(
+                key, make, ref=ref, kind=kind, base=base, recipe=recipe, made=made
+            )
 
     def _remove_staging(self, staging: Path) -> None:
         """Remove the staging directory of a build that died, and first what its build
@@ -487,6 +519,7 @@ class ImageStore:
         kind: str,
         base: str | None,
         recipe: str,
+        made: Callable[[float], None] | None,
     ) -> Image:
         staging = self.settings.staging_dir / f"{key}.{os.getpid()}.{next(_counter)}"
         rootfs = staging / "rootfs"
@@ -539,8 +572,11 @@ class ImageStore:
                     )
                     + "\n"
                 )
+        seconds = time.time() - started
         if base is None:
-            self.progress(f"image {ref} built in {time.time() - started:.1f}s")
+            self.progress(f"image {ref} built in {seconds:.1f}s")
+        if made is not None:
+            made(seconds)
         entry = Image.load(self.settings.images_dir / key)
         assert entry is not None
         return entry

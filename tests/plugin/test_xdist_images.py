@@ -70,6 +70,10 @@ def test_twenty_tests_on_four_workers_download_once(
             timeout=600,
         )
         result.assert_outcomes(passed=20)
+        # the summary (-q: one line) merges the workers' tallies: one download among them
+        result.stdout.re_match_lines(
+            [r"pytest-incus: 20 instances \(20 container\); 1 image downloaded \(.* s\)"]
+        )
         assert len(server.gets(".squashfs")) == 1
         assert len(server.gets(".incus.tar.xz")) == 1
         # the alias is resolved once per session: at most once per worker
