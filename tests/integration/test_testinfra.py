@@ -19,12 +19,11 @@ from pytest_incus.testinfra_host import host_for
 
 PORT = 8123
 # a listener on every address that accepts and closes connections, with the Python the
-# minimal image has (python3-minimal: socket, no http.server)
+# minimal image has (python3-minimal: socket, no http.server); one line, as testinfra's
+# service().systemd_properties reads ExecStart one line per property
 LISTENER = (
-    "import socket\n"
-    f"server = socket.create_server(('0.0.0.0', {PORT}))\n"
-    "while True:\n"
-    "    server.accept()[0].close()\n"
+    f"import socket; server = socket.create_server(('0.0.0.0', {PORT})); "
+    "[server.accept()[0].close() for _ in iter(int, 1)]"
 )
 # bytes that are not UTF-8, a NUL, and text that is, for file().content
 DATA = bytes(range(256)) + "café\n".encode()
@@ -136,8 +135,8 @@ def check_process_and_service(host: Host) -> None:
 
     service = host.service("systemd-journald")
     assert service.exists and service.is_running and service.is_enabled  # static: enabled
-    timer = host.service("apt-daily.timer")
-    assert timer.is_enabled and timer.is_running and not timer.is_masked
+    target = host.service("remote-fs.target")
+    assert target.is_enabled and target.is_running and not target.is_masked
     absent = host.service("pti-absent")
     assert not absent.exists and not absent.is_running
 
@@ -150,7 +149,8 @@ def check_socket(instance: Instance, host: Host) -> None:
     assert f"tcp://0.0.0.0:{PORT}" in host.socket.get_listening_sockets()
     listener = host.service("pti-listener")
     assert listener.is_running
-    [process] = host.process.filter(comm="python3")
+    process = host.process.get(pid=int(listener.systemd_properties["MainPID"]))
+    assert process.comm == "python3" and process.user == "root"
     assert process.args.startswith("/usr/bin/python3 -c import socket")
 
     host.run_expect([0], "systemctl stop pti-listener")
@@ -165,7 +165,10 @@ def check_sysctl_and_mount_point(instance: Instance, host: Host) -> None:
 
     root = host.mount_point("/")
     assert root.exists
-    assert root.filesystem == ("ext4" if instance.kind == "vm" else "overlay")
+    # the last mount on / is what the instance sees there: ext4 in a VM, a container's
+    # overlay (local backend) or its storage pool's file system (Incus)
+    seen = instance.exec(["awk", '$2 == "/" {fs = $3} END {print fs}', "/proc/mounts"])
+    assert root.filesystem == seen.stdout.strip() != ""
     proc = host.mount_point("/proc")
     assert proc.exists and proc.filesystem == "proc"
     assert "/proc" in [point.path for point in host.mount_point.get_mountpoints()]
