@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeGuard, TypeVar
 
 from pytest_incus.errors import (
     ConfigError,
@@ -44,6 +44,9 @@ from pytest_incus.values import (
     NetworkAttachment,
     Stat,
 )
+
+if TYPE_CHECKING:
+    import testinfra.host
 
 # How often wait_for_port and wait_for_log look again: a fraction of the time a service takes
 # to start, and still cheap (a refused connection or a read of the log costs microseconds).
@@ -221,6 +224,17 @@ class Instance:
         MAC; None for no network, or an instance on another backend."""
         attachment = getattr(self.machine, "network", None)
         return attachment if isinstance(attachment, NetworkAttachment) else None
+
+    @functools.cached_property
+    def testinfra(self) -> testinfra.host.Host:
+        """A pytest-testinfra host whose commands run through ``exec`` (as root), so all of
+        testinfra's modules work on every kind: ``instance.testinfra.package("nginx")
+        .is_installed``. Made once per instance; needs the extra ``pytest-incus[testinfra]``
+        (a ConfigError says so when it is missing)."""
+        __tracebackhide__ = True
+        from pytest_incus.testinfra_host import host_for
+
+        return host_for(self)
 
     @property
     def history(self) -> tuple[CommandRecord, ...]:
