@@ -41,7 +41,8 @@ class Tally:
 
     def launched(self, kind: str, seconds: float) -> None:
         """An instance of ``kind`` was ready ``seconds`` after its launch began."""
-        self._launches.setdefault(kind, []).append(seconds)
+        # a plain str: a Kind is a str subclass, which xdist cannot send to the controller
+        self._launches.setdefault(str(kind), []).append(seconds)
 
     def image_made(self, ref: str, how: str, seconds: float) -> None:
         """The image ``ref`` was made ``how`` (one of :data:`HOWS`) in ``seconds``; an image
