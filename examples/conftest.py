@@ -1,4 +1,5 @@
-"""Fixtures of the examples: a local OCI registry with a small web service image in it."""
+"""Fixtures and hooks of the examples: a local OCI registry with a small web service image in
+it, and what a failed test's report adds about the greeter service."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+
+from pytest_incus import Instance
 
 REGISTRY = "127.0.0.1:5055"  # named in pytest.ini: incus_insecure_registries
 INDEX = "<h1>hello from an app</h1>\n"
@@ -74,3 +77,11 @@ def web_image(registry: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     ref = f"docker://{registry}/demo/web:1"
     run("skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:web", ref)
     return ref
+
+
+def pytest_incus_failure_sections(instance: Instance) -> list[tuple[str, str]]:
+    """When a test that installed the greeter fails, its report shows the service's status."""
+    if not instance.file("/etc/systemd/system/greeter.service").exists:
+        return []
+    status = instance.exec("systemctl status greeter --no-pager --lines=5")
+    return [("systemctl status greeter", status.stdout)]

@@ -5,6 +5,12 @@ The service is a tiny TCP server (Python's standard library only, as in Debian's
 ``/etc/default/greeter``, which the unit reads as an ``EnvironmentFile``. It tells systemd
 when it listens (``Type=notify``), so ``systemctl start`` returns only once it is ready: the
 test never has to sleep or poll.
+
+The checks are written two ways, side by side: with pytest-testinfra's modules through
+``instance.testinfra`` (service, socket, file, process), as a testinfra user writes them, and
+with pytest-incus's own ``exec`` and ``file()``. The first test's image adds ``procps`` and
+``iproute2`` (a derived image, built once), because testinfra's ``process`` and ``socket``
+modules run ``ps`` and ``ss`` inside.
 """
 
 from __future__ import annotations
@@ -72,12 +78,25 @@ def ask(instance: Instance, port: int = 7000) -> str:
     return instance.exec(["python3", "-c", CLIENT, str(port)], check=True).stdout.strip()
 
 
-@pytest.mark.instance(image="debian/12")
+@pytest.mark.instance(image="debian/12", packages=["iproute2", "procps"])
 def test_service_follows_its_config(instance: Instance) -> None:
     install_greeter(instance, "hello from the first config")
+    host = instance.testinfra
 
     instance.exec("systemctl start greeter", check=True)
+    # testinfra's modules ...
+    greeter = host.service("greeter")
+    assert greeter.is_running and not greeter.is_enabled
+    assert host.socket("tcp://127.0.0.1:7000").is_listening
+    (server,) = host.process.filter(args="/usr/bin/python3 /usr/local/bin/greeter")
+    assert server.user == "root" and server.ppid == 1
+    config = host.file("/etc/default/greeter")
+    assert config.user == "root" and config.mode == 0o644
+    assert config.content == b'GREETING="hello from the first config"\nPORT=7000\n'
+    # ... and pytest-incus's own
     assert instance.exec("systemctl is-active greeter").stdout.strip() == "active"
+    unit = instance.file("/etc/systemd/system/greeter.service")
+    assert unit.is_file and unit.uid == 0 and unit.contains("Type=notify")
     assert ask(instance) == "hello from the first config"
 
     # change the config: the running service keeps the old one until it is restarted
@@ -86,6 +105,8 @@ def test_service_follows_its_config(instance: Instance) -> None:
     instance.exec("systemctl restart greeter", check=True)
     assert ask(instance, port=7001) == "hello again"
     assert ask_fails(instance, port=7000)
+    assert host.socket("tcp://127.0.0.1:7001").is_listening
+    assert not host.socket("tcp://127.0.0.1:7000").is_listening
 
 
 def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:

@@ -69,7 +69,8 @@ def instance_text(instance: Instance) -> str:
     if state is InstanceState.RUNNING:
         blocks.extend(_look_inside(instance))
     what = "output" if instance.kind is Kind.APP else "console log"
-    logs = tail(_logs(instance), LOG_LINES)
+    # a console's lines end in "\r\r\n" or "\r\n" (a terminal's): one line break each
+    logs = tail(_logs(instance).replace("\r", ""), LOG_LINES)
     blocks.append(_block(f"{what} (last {LOG_LINES} lines)", logs or "(empty)"))
     return "\n\n".join(blocks)
 
