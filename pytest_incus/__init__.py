@@ -18,10 +18,20 @@ from pytest_incus.images.store import Image, ImageStore
 from pytest_incus.instance import FileInfo, Instance
 from pytest_incus.settings import Settings
 from pytest_incus.spec import InstanceSpec
-from pytest_incus.values import ExecResult, InstanceState
+from pytest_incus.values import (
+    AccelMode,
+    CommandRecord,
+    ExecResult,
+    InstanceState,
+    Keep,
+    Kind,
+    VmInit,
+)
 
 __all__ = [
+    "AccelMode",
     "AgentError",
+    "CommandRecord",
     "ConfigError",
     "ExecError",
     "ExecResult",
@@ -36,9 +46,12 @@ __all__ = [
     "InstanceSpec",
     "InstanceStartError",
     "InstanceState",
+    "Keep",
+    "Kind",
     "NotRunningError",
     "Settings",
     "UnavailableError",
     "UnknownUserError",
+    "VmInit",
     "WaitTimeoutError",
 ]
