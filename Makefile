@@ -24,13 +24,22 @@ lint: setup
 	$(PYTHON) -m mypy
 
 # pytest exits 5 when it ran no test: make treats that, like any failure, as an error.
-# The second run: the integration tests of containers and apps again, unchanged, on this
-# machine's Incus (its VMs are refused here; tests of local-only internals skip, see README).
-# Two workers: an Incus launch waits mostly on the daemon (2:34 instead of 6:11 here); one file
-# per worker, so that a file's tests see each other's cache changes only.
-INCUS_PASS = --incus-backend=incus --incus-project=pytest-incus -k "not vm" -n 2 --dist loadfile
+# Three runs:
+# - alone, what must not share the machine: the plugin tests (inner runs with workers of their
+#   own, timed signals) and the KVM verdict tests (they set the run cache's verdict, which
+#   every VM launched meanwhile would follow);
+# - the rest on two workers, one file per worker (so that a file's tests see each other's
+#   cache changes only): instances wait mostly on guests and daemons (5:17 instead of about
+#   11 minutes for tests/integration here);
+# - the integration tests of containers and apps again, unchanged, on this machine's Incus
+#   (its VMs are refused here; tests of local-only internals skip, see README).
+ALONE = tests/plugin tests/integration/test_kvm_verdict.py
+WORKERS = -n 2 --dist loadfile
+INCUS_PASS = --incus-backend=incus --incus-project=pytest-incus -k "not vm" $(WORKERS)
 test: lint incus
-	$(PYTHON) -m pytest tests -p no:cacheprovider -ra $(PYTEST_ARGS)
+	$(PYTHON) -m pytest $(ALONE) -p no:cacheprovider -ra $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests --ignore=tests/plugin --ignore=tests/integration/test_kvm_verdict.py \
+		-p no:cacheprovider -ra $(WORKERS) $(PYTEST_ARGS)
 	$(PYTHON) -m pytest tests/integration -p no:cacheprovider -ra $(INCUS_PASS) $(PYTEST_ARGS)
 
 bench: setup
