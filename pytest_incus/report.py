@@ -69,8 +69,10 @@ def instance_text(instance: Instance) -> str:
     if state is InstanceState.RUNNING:
         blocks.extend(_look_inside(instance))
     what = "output" if instance.kind is Kind.APP else "console log"
-    # a console's lines end in "\r\r\n" or "\r\n" (a terminal's): one line break each
-    logs = tail(_logs(instance).replace("\r", ""), LOG_LINES)
+    # a console's lines end as a terminal's do ("\r\n", and a container's console log shows
+    # each as a blank line after it): the tail is of the lines that say something
+    said = [line for line in _logs(instance).replace("\r", "").splitlines() if line.strip()]
+    logs = tail("\n".join(said), LOG_LINES)
     blocks.append(_block(f"{what} (last {LOG_LINES} lines)", logs or "(empty)"))
     return "\n\n".join(blocks)
 

@@ -32,6 +32,11 @@ CLOSE_GRACE = 2.0  # seconds for the server to exit once its socket is closed
 COLLECT_GRACE = 1.0  # seconds for a server we killed to become collectable
 COLLECT_POLL = 0.001
 ATTACH_RETRY = 0.005  # seconds between attaches refused for the process limit
+# How long an attach refused for the process limit is tried again. Longer than a spawn's
+# patience: the processes of a fork bomb killed at its timeout still count until the
+# container's init has reaped them, which took over 2 s while another container debootstrapped
+# on this 2-core machine.
+ATTACH_PATIENCE = 10.0
 INIT_END_GRACE = 0.5  # seconds for an app's init to end after the last other process
 _STOPPED = ("T", "t")
 
@@ -347,7 +352,7 @@ class ExecServer:
         try:
             # a container at its process limit (what a fork bomb left running) refuses the
             # attach's fork now and then: try again while it runs, as the server does a spawn
-            deadline = time.monotonic() + inside.FORK_PATIENCE
+            deadline = time.monotonic() + ATTACH_PATIENCE
             while True:
                 with lxc_errors(f"container {self._name}: attaching its exec server"):
                     pid = self._container.attach(
