@@ -25,21 +25,20 @@ lint: setup
 
 # pytest exits 5 when it ran no test: make treats that, like any failure, as an error.
 # Three runs:
-# - alone, what must not share the machine: the plugin tests (inner runs with workers of their
-#   own, timed signals) and the KVM verdict tests (they set the run cache's verdict, which
-#   every VM launched meanwhile would follow);
-# - the rest on two workers, one file per worker (so that a file's tests see each other's
-#   cache changes only): instances wait mostly on guests and daemons (5:17 instead of about
-#   11 minutes for tests/integration here);
+# - the suite on two workers, one file per worker (so that a file's tests see each other's
+#   cache changes only): instances wait mostly on guests and daemons, so two workers take
+#   14 minutes here where one took about 22;
+# - alone, the KVM verdict tests: they set the run cache's KVM verdict, which every VM
+#   launched meanwhile would follow (a VM of another file took KVM beside them, and KVM does
+#   not run guests on every host);
 # - the integration tests of containers and apps again, unchanged, on this machine's Incus
 #   (its VMs are refused here; tests of local-only internals skip, see README).
-ALONE = tests/plugin tests/integration/test_kvm_verdict.py
+ALONE = tests/integration/test_kvm_verdict.py
 WORKERS = -n 2 --dist loadfile
 INCUS_PASS = --incus-backend=incus --incus-project=pytest-incus -k "not vm" $(WORKERS)
 test: lint incus
+	$(PYTHON) -m pytest tests --ignore=$(ALONE) -p no:cacheprovider -ra $(WORKERS) $(PYTEST_ARGS)
 	$(PYTHON) -m pytest $(ALONE) -p no:cacheprovider -ra $(PYTEST_ARGS)
-	$(PYTHON) -m pytest tests --ignore=tests/plugin --ignore=tests/integration/test_kvm_verdict.py \
-		-p no:cacheprovider -ra $(WORKERS) $(PYTEST_ARGS)
 	$(PYTHON) -m pytest tests/integration -p no:cacheprovider -ra $(INCUS_PASS) $(PYTEST_ARGS)
 
 bench: setup
