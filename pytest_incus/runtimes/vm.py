@@ -537,8 +537,9 @@ class VirtualMachine:
                 self._agent.exec(SETTLE)  # modules udev still loads would load in every resume
             save_deadline = min(deadline, time.monotonic() + SAVE_DEADLINE)
             snapshot.save(self._qemu, self.directory / DISK, target, save_deadline)
-            base = {"base": _identity(self.directory / BASE)}
-            fsutil.write_atomic(target / vm_images.BOOT_RECORD, json.dumps(base))
+            # the disk it was saved on, and the command line of the shape it is the boot of
+            record = {"base": _identity(self.directory / BASE), "shape": self.machine_shape()}
+            fsutil.write_atomic(target / vm_images.BOOT_RECORD, json.dumps(record))
             with contextlib.suppress(OSError):
                 shutil.copyfile(self.directory / CONSOLE, target / vm_images.BOOT_CONSOLE)
         except (IncusError, OSError) as exc:

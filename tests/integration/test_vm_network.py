@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 from integration_helpers import assert_nothing_left
+from snapshot_helpers import of_shape
 
 from guest_agent.network import PLACEHOLDER_MAC
 from pytest_incus import Instance, registry
@@ -61,8 +62,13 @@ class Shape:
     before: frozenset[str]
 
     def snapshots(self) -> list[Image]:
-        """The boot snapshots made since the test began."""
-        return [e for e in self.store.list() if e.kind == "vm-boot" and e.key not in self.before]
+        """The boot snapshots of this shape made since the test began (other tests may
+        save snapshots of their own meanwhile, on another worker)."""
+        return [
+            e
+            for e in self.store.list()
+            if e.kind == "vm-boot" and e.key not in self.before and of_shape(e, self.arg)
+        ]
 
 
 @pytest.fixture

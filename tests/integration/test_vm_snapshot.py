@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from snapshot_helpers import of_shape
 
 from pytest_incus import Instance
 from pytest_incus.factory import InstanceFactory
@@ -45,9 +46,13 @@ class Shape:
     before: frozenset[str]
 
     def snapshots(self) -> list[Image]:
-        """The boot snapshots made since the test began (this shape's, when the test runs
-        alone: the suite runs its tests one at a time)."""
-        return [e for k, e in _boot_snapshots(self.store).items() if k not in self.before]
+        """The boot snapshots of this shape made since the test began (other tests may
+        save snapshots of their own meanwhile, on another worker)."""
+        return [
+            e
+            for k, e in _boot_snapshots(self.store).items()
+            if k not in self.before and of_shape(e, self.arg)
+        ]
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from plugin_helpers import INNER_HEADER, InnerInstances
+from snapshot_helpers import of_shape
 
 from pytest_incus import registry
 from pytest_incus.images.store import ImageStore
@@ -39,7 +40,7 @@ def test_one_save_for_two_workers(
     try:
         result = pytester.runpytest_subprocess(*args, "-n", "2", "-q", timeout=600)
         result.assert_outcomes(passed=4)
-        made = [e for e in store.list() if e.kind == "vm-boot" and e.key not in before]
+        made = [e for e in store.list() if e.kind == "vm-boot" and of_shape(e, shape)]
         assert len(made) == 1  # this shape's, saved once
         saves = [b for b in store.builds() if b["key"] == made[0].key]
         assert len(saves) == 1
@@ -51,5 +52,5 @@ def test_one_save_for_two_workers(
             assert registry.leftovers(settings, name) == []
     finally:
         for entry in store.list():
-            if entry.kind == "vm-boot" and entry.key not in before:
+            if entry.kind == "vm-boot" and entry.key not in before and of_shape(entry, shape):
                 store.discard(entry)
