@@ -151,6 +151,9 @@ class Source:
     source: dict[str, Any]
     config: dict[str, str]
     shell: str | None
+    # the image's init as the plugin built it ("systemd", "busybox", "app"); None for an
+    # image the server fetches itself (images:), whose init is looked at once it runs
+    init: str | None = None
 
 
 @dataclass(frozen=True)
@@ -319,14 +322,14 @@ class IncusImages:
                 "VMs with --incus-backend=local"
             )
         if ref.source == "simplestreams":
-            return Source(self._remote_source(ref), {}, "/bin/sh")
+            return Source(self._remote_source(ref), {}, "/bin/sh", init=None)
         if spec.kind == "app":
             return self._app(spec, ref, self.store.get(spec.image, "app"))
         entry = self.store.get(spec.image, "container")
         packing = _Packing("container", PACKING, tuple)
         fingerprint = self._ensure(entry, ref, packing)
         shell = "/bin/sh" if _has_sh(entry.rootfs) else None
-        return Source({"type": "image", "fingerprint": fingerprint}, {}, shell)
+        return Source({"type": "image", "fingerprint": fingerprint}, {}, shell, init=entry.init)
 
     # -- images: --------------------------------------------------------------------------
 
@@ -399,7 +402,9 @@ class IncusImages:
         instance_config = {"raw.lxc": "\n".join(lines) + "\n"}
         instance_config.update({f"environment.{key}": value for key, value in env.items()})
         shell = "/bin/sh" if _has_sh(entry.rootfs) else APP_SHELL
-        return Source({"type": "image", "fingerprint": fingerprint}, instance_config, shell)
+        return Source(
+            {"type": "image", "fingerprint": fingerprint}, instance_config, shell, init="app"
+        )
 
     # -- uploads --------------------------------------------------------------------------
 

@@ -60,7 +60,11 @@ INSIDE_TIMEOUT = 60.0  # seconds for one file operation run inside (stat, cat, c
 # /sys/fs/cgroup, and no limits. Forced, as the local backend's containers have them.
 CGROUP_MOUNT = "lxc.mount.auto = cgroup:mixed:force"
 INIT_EXEC_FAILED = 'Failed to exec "/sbin/init"'  # liblxc's words, in its log
-INIT_PROBE = 'read c < /proc/1/comm; echo "$c"'  # shell builtins only: any POSIX sh does it
+# What PID 1 is, for an image whose init the plugin did not build: its comm, and the name of
+# the program it runs. The comm alone says "init" while systemd, run as /sbin/init, has not
+# renamed itself yet (seen on a loaded machine); /proc/1/exe names the program from the
+# start. readlink where there is one; the comm with shell builtins only, in any POSIX sh.
+INIT_PROBE = 'read c < /proc/1/comm; e=$(readlink /proc/1/exe 2>/dev/null); echo "$c ${e##*/}"'
 
 
 def refused_type(exc: ServerError) -> bool:
@@ -378,13 +382,15 @@ class IncusMachine:
 
     def _wait_ready(self, deadline: float) -> None:
         shell = self._source.shell if self._source else None
-        init = ""
-        if shell is not None:
+        init = self._source.init if self._source else None
+        if shell is not None:  # a first command: exec works (an init that exits fails it)
             request = ExecRequest((shell, "-c", INIT_PROBE), {}, "/", None, None, 10.0)
             try:
-                init = self.exec(request).stdout.strip()
+                said = self.exec(request).stdout.split()
             except IncusError as exc:
                 raise self._start_error(f"no command could run in it: {exc}") from exc
+            if init is None:  # an image the plugin did not build: what runs as PID 1
+                init = "systemd" if "systemd" in said else " ".join(said)
         if init == "systemd":
             readiness.wait_for_systemd(
                 self.exec,
