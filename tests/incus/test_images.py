@@ -137,6 +137,16 @@ def read(client: IncusClient, name: str, path: str) -> bytes:
     )
 
 
+def read_soon(client: IncusClient, name: str, path: str) -> bytes:
+    """The file's content; empty while it does not exist yet (the app has not written it)."""
+    try:
+        return read(client, name, path)
+    except ServerError as exc:
+        if exc.status == 404:
+            return b""
+        raise
+
+
 def test_an_image_is_uploaded_once_and_found_by_later_runs(
     private: ImageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -314,8 +324,8 @@ def test_an_app_gets_its_command_env_loopback_and_stop_signal(
     app = spec(f"oci:{layout}:plain", "app", command=command, env={"ADDED": "x y"})
     name = create(client, instances, images.source(app))
     deadline = time.monotonic() + 30
-    while b"unknown" not in read(client, name, APP_LOG):
-        assert time.monotonic() < deadline, read(client, name, APP_LOG)
+    while b"unknown" not in read_soon(client, name, APP_LOG):
+        assert time.monotonic() < deadline, read_soon(client, name, APP_LOG)
         time.sleep(0.05)
     assert read(client, name, APP_LOG) == b"two words 'quoted' \"too\"||x y\nunknown\n"
     started = time.monotonic()
