@@ -48,9 +48,12 @@ class Tally:
         """The image ``ref`` was made ``how`` (one of :data:`HOWS`) in ``seconds``; an image
         made in several steps (a VM image: its root filesystem, then its disk) is one entry,
         its steps' times added up."""
+        self._add_image(ref, how, seconds)
+        self._build_seconds += seconds
+
+    def _add_image(self, ref: str, how: str, seconds: float) -> None:
         key = (ref, how)
         self._images[key] = self._images.get(key, 0.0) + seconds
-        self._build_seconds += seconds
 
     def snapshot_saved(self, ref: str) -> None:
         """A boot snapshot of the VM image ``ref`` was saved."""
@@ -78,8 +81,7 @@ class Tally:
         for kind, times in data.get("launches", {}).items():
             self._launches.setdefault(str(kind), []).extend(float(t) for t in times)
         for ref, how, seconds in data.get("images", []):
-            key = (str(ref), str(how))
-            self._images[key] = self._images.get(key, 0.0) + float(seconds)
+            self._add_image(str(ref), str(how), float(seconds))  # not this process's time
         self._snapshots.extend(str(ref) for ref in data.get("snapshots", []))
 
     def lines(self, verbosity: int = 0) -> list[str]:

@@ -56,8 +56,8 @@ from pytest_incus.images.source import (
     container_builder,
 )
 from pytest_incus.settings import Settings
+from pytest_incus.spec import KINDS
 from pytest_incus.summary import Tally
-from pytest_incus.values import Kind
 
 log = logging.getLogger("pytest_incus")
 
@@ -217,10 +217,10 @@ class ImageStore:
                 "the name, or implement the hook in your conftest.py"
             )
         if kind is not None:
-            if kind not in tuple(Kind):
+            if kind not in KINDS:
                 raise ConfigError(
                     f"image {image!r}: kind={kind!r} images are not supported yet; "
-                    f"this version builds images for {', '.join(Kind)}"
+                    f"this version builds images for {', '.join(KINDS)}"
                 )
             if problem := self.problem(ref, _form(kind)):
                 raise ConfigError(f"image {image!r} with kind={kind!r}: {problem}")

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pytest_incus.errors import UnavailableError
 from pytest_incus.runtimes.context import RuntimeContext
 from pytest_incus.runtimes.protocol import Runtime
-from pytest_incus.values import Kind
+from pytest_incus.spec import KINDS
 
 
 class RuntimeTable:
@@ -38,7 +38,7 @@ class RuntimeTable:
         there is none for."""
         runtime = self._runtimes.get((backend, kind))
         if runtime is None:
-            if kind not in tuple(Kind):
+            if kind not in KINDS:
                 raise UnavailableError(f"kind={kind!r} is not a kind pytest-incus knows")
             raise UnavailableError(f"backend {backend!r} has no runtime for kind={kind!r}")
         return runtime
