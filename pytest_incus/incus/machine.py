@@ -54,6 +54,9 @@ LIVE = ("Running", "Stopping", "Freezing", "Frozen")  # statuses of an instance 
 MOUNT_PREFIX = "pti-mount"  # the disk devices of the spec's mounts
 NO_IDMAP = "idmapping abilities are required"  # Incus, of a filesystem it cannot idmap
 STATE_POLL = 0.05
+# seconds a start error waits for the console of an init that ended: its container is still
+# going down then, and Incus's console endpoint fails until the log file has what init printed
+CONSOLE_SETTLE = 5.0
 INSIDE_TIMEOUT = 60.0  # seconds for one file operation run inside (stat, cat, chmod, readlink)
 # Incus asks for cgroup:mixed, which liblxc ignores in a cgroup namespace (it leaves the
 # mounts to the container's init): an init that is not systemd (busybox's) would see an empty
@@ -388,7 +391,9 @@ class IncusMachine:
             try:
                 said = self.exec(request).stdout.split()
             except IncusError as exc:
-                raise self._start_error(f"no command could run in it: {exc}") from exc
+                raise self._start_error(
+                    f"no command could run in it: {exc}", init_ended=True
+                ) from exc
             if init is None:  # an image the plugin did not build: what runs as PID 1
                 init = "systemd" if "systemd" in said else " ".join(said)
         if init == "systemd":
@@ -401,7 +406,9 @@ class IncusMachine:
                 poll=READY_POLL,
             )
         elif not self.running():
-            raise self._start_error("its init exited at once; is its /sbin/init a working init?")
+            raise self._start_error(
+                "its init exited at once; is its /sbin/init a working init?", init_ended=True
+            )
 
     def _lxc_log(self) -> str:
         """The errors liblxc logged for the instance's last start (Incus keeps its
@@ -413,10 +420,13 @@ class IncusMachine:
             return ""
         return "\n".join(line for line in response.text.splitlines() if " ERROR " in line)
 
-    def _start_error(self, what: str, *, lxc_log: bool = False) -> InstanceStartError:
+    def _start_error(
+        self, what: str, *, lxc_log: bool = False, init_ended: bool = False
+    ) -> InstanceStartError:
         """The error of a start that failed, with the console's tail; with ``lxc_log`` (Incus
         could not start it at all: its own error only says its forkstart failed), liblxc's
-        errors too, which say why (``Failed to exec "/sbin/init"``)."""
+        errors too, which say why (``Failed to exec "/sbin/init"``). ``init_ended``: its init
+        may have ended, so its console is waited for (``_settled_console``)."""
         errors = tail(self._lxc_log()) if lxc_log else ""
         if INIT_EXEC_FAILED in errors:
             what += "; is its /sbin/init a working init?"
@@ -425,9 +435,22 @@ class IncusMachine:
             error.add_note("liblxc log:\n" + errors)
         console = ""
         with contextlib.suppress(IncusError):
-            console = tail(self.logs())
+            console = tail(self._settled_console() if init_ended else self.logs())
         error.add_note("console log:\n" + (console or "(empty: init printed nothing yet)"))
         return error
+
+    def _settled_console(self) -> str:
+        """The console log of a container whose init may have ended: read until it says
+        something, or the container is down and its log was read once more, within
+        CONSOLE_SETTLE. While it goes down the endpoint fails or says nothing yet, and an error
+        made then would show an empty console instead of what init printed."""
+        deadline = time.monotonic() + CONSOLE_SETTLE
+        while True:
+            down = self._status() not in LIVE
+            console = self.logs()
+            if console.strip() or down or time.monotonic() >= deadline:
+                return console
+            time.sleep(STATE_POLL)
 
     def _status(self) -> str | None:
         """The server's status of the instance ("Running", "Stopped", ...); None if gone."""
