@@ -32,10 +32,10 @@ CLOSE_GRACE = 2.0  # seconds for the server to exit once its socket is closed
 COLLECT_GRACE = 1.0  # seconds for a server we killed to become collectable
 COLLECT_POLL = 0.001
 ATTACH_RETRY = 0.005  # seconds between attaches refused for the process limit
-# How long an attach refused for the process limit is tried again. Longer than a spawn's
-# patience: the processes of a fork bomb killed at its timeout still count until the
-# container's init has reaped them, which took over 2 s while another container debootstrapped
-# on this 2-core machine.
+# How long an attach refused for the process limit is tried again (never past the exec's own
+# timeout, which the attach's time counts against). A container at its limit frees processes
+# as its init reaps those killed at a timeout, or as background processes end: what is left of
+# a fork bomb whose shell gave up let an attach through after 3 to 8 s, on a loaded 2-core host.
 ATTACH_PATIENCE = 10.0
 INIT_END_GRACE = 0.5  # seconds for an app's init to end after the last other process
 _STOPPED = ("T", "t")
@@ -249,17 +249,20 @@ class ExecServer:
         """Send ``message`` with fresh stdio pipes, feed ``data``, and wait for the outcome
         (killing the command with its descendants at ``timeout``, and the server too if it
         can no longer answer)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        patience = ATTACH_PATIENCE if timeout is None else min(ATTACH_PATIENCE, timeout)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with ours, process.Pipes() as pipes:
             try:
                 attached = self._send(
-                    json.dumps(message).encode(), [theirs.fileno(), *pipes.child_ends]
+                    json.dumps(message).encode(), [theirs.fileno(), *pipes.child_ends], patience
                 )
             finally:
                 theirs.close()
             reply = _Reply(ours, self, attached, [pipes.stdout_r, pipes.stderr_r])
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                stdout, stderr, timed_out = pipes.communicate(reply, data, timeout)
+                stdout, stderr, timed_out = pipes.communicate(reply, data, left)
             finally:
                 reply.close()
         return Outcome(reply.exit_code, stdout, stderr, reply.error, timed_out)
@@ -312,9 +315,9 @@ class ExecServer:
                 self._dying.append(attached)
         self.collect(attached, COLLECT_GRACE)
 
-    def _send(self, data: bytes, fds: list[int]) -> _Attached:
+    def _send(self, data: bytes, fds: list[int], patience: float) -> _Attached:
         for attempt in range(3):
-            attached = self._connected()
+            attached = self._connected(patience)
             if attached.silent():
                 # stopped (or ended) since the last request: it would never answer
                 self.kill(attached, "it had been stopped (SIGSTOP) since the last request")
@@ -340,19 +343,19 @@ class ExecServer:
             "is something in the container stopping every process (kill -STOP -1)?"
         )
 
-    def _connected(self) -> _Attached:
+    def _connected(self, patience: float) -> _Attached:
         with self._lock:
             if self._attached is None:
-                self._attached = self._start()
+                self._attached = self._start(patience)
             return self._attached
 
-    def _start(self) -> _Attached:
+    def _start(self, patience: float) -> _Attached:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         devnull = os.open(os.devnull, os.O_RDWR)
         try:
             # a container at its process limit (what a fork bomb left running) refuses the
             # attach's fork now and then: try again while it runs, as the server does a spawn
-            deadline = time.monotonic() + ATTACH_PATIENCE
+            deadline = time.monotonic() + patience
             while True:
                 with lxc_errors(f"container {self._name}: attaching its exec server"):
                     pid = self._container.attach(
