@@ -8,6 +8,18 @@ from pathlib import Path
 from typing import Any
 
 
+def accepts(path: Path) -> bool:
+    """True once an agent listens on ``path``: a connection is accepted (and closed at once,
+    which the agent takes as a client gone). The socket's file exists from its bind, before
+    the agent listens: a connection made then is refused."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:  # not there yet, or not listening yet
+            return False
+    return True
+
+
 class RawWire:
     """A raw connection to an agent's socket: bytes out, reply lines in (for malformed
     input that no client would send). The agent serves one connection at a time: close the

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from wire_helpers import RawWire
+from wire_helpers import RawWire, accepts
 
 import guest_agent
 from pytest_incus.agent import AgentClient
@@ -126,7 +126,7 @@ def ours_unprivileged_host() -> Iterator[AgentTarget]:
         argv = [HOST_PYTHON, "-m", "guest_agent", "--unix-listen", str(sock)]
         argv += ["--block-rpcs", BLOCKED]
         with run_as_nobody(argv, directory, {"PYTHONPATH": str(lib)}) as log:
-            wait_until(sock.exists, 10, f"the agent's socket {sock}")
+            wait_until(lambda: accepts(sock), 10, f"the agent's socket {sock} to listen")
             yield AgentTarget(sock, str(work), root=False, log=log)
 
 
@@ -143,7 +143,7 @@ def qemu_ga_unprivileged_host() -> Iterator[AgentTarget]:
         argv = [binary, "-m", "unix-listen", "-p", str(sock), "-t", str(directory)]
         argv += ["-f", str(directory / "qga.pid"), "-b", BLOCKED]
         with run_as_nobody(argv, directory, {}) as log:
-            wait_until(sock.exists, 10, f"qemu-ga's socket {sock}")
+            wait_until(lambda: accepts(sock), 10, f"qemu-ga's socket {sock} to listen")
             yield AgentTarget(sock, str(work), root=False, log=log)
 
 

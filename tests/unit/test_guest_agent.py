@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wire_helpers import RawWire
+from wire_helpers import RawWire, accepts
 
 import guest_agent
 from guest_agent.protocol import MAX_MESSAGE
@@ -53,9 +53,9 @@ def agent_socket() -> Iterator[Path]:
     )
     try:
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        while not accepts(sock):
             assert proc.poll() is None, "the agent exited at start"
-            assert time.monotonic() < deadline, "the agent did not create its socket"
+            assert time.monotonic() < deadline, "the agent did not listen on its socket"
             time.sleep(0.005)
         yield sock
         assert proc.poll() is None, "the agent died during the tests"
