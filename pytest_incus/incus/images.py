@@ -322,7 +322,7 @@ class IncusImages:
                 "VMs with --incus-backend=local"
             )
         if ref.source == "simplestreams":
-            return Source(self._remote_source(ref), {}, "/bin/sh", init=None)
+            return Source(self._remote_source(ref), {}, "/bin/sh")
         if spec.kind == "app":
             return self._app(spec, ref, self.store.get(spec.image, "app"))
         entry = self.store.get(spec.image, "container")

@@ -250,12 +250,11 @@ class ExecServer:
         (killing the command with its descendants at ``timeout``, and the server too if it
         can no longer answer)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        patience = ATTACH_PATIENCE if timeout is None else min(ATTACH_PATIENCE, timeout)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with ours, process.Pipes() as pipes:
             try:
                 attached = self._send(
-                    json.dumps(message).encode(), [theirs.fileno(), *pipes.child_ends], patience
+                    json.dumps(message).encode(), [theirs.fileno(), *pipes.child_ends], deadline
                 )
             finally:
                 theirs.close()
@@ -315,9 +314,11 @@ class ExecServer:
                 self._dying.append(attached)
         self.collect(attached, COLLECT_GRACE)
 
-    def _send(self, data: bytes, fds: list[int], patience: float) -> _Attached:
+    def _send(self, data: bytes, fds: list[int], deadline: float | None) -> _Attached:
+        """Send ``data`` and ``fds`` to the server, attaching one (until the exec's
+        ``deadline``, if any) when there is none."""
         for attempt in range(3):
-            attached = self._connected(patience)
+            attached = self._connected(deadline)
             if attached.silent():
                 # stopped (or ended) since the last request: it would never answer
                 self.kill(attached, "it had been stopped (SIGSTOP) since the last request")
@@ -343,19 +344,21 @@ class ExecServer:
             "is something in the container stopping every process (kill -STOP -1)?"
         )
 
-    def _connected(self, patience: float) -> _Attached:
+    def _connected(self, deadline: float | None) -> _Attached:
         with self._lock:
             if self._attached is None:
-                self._attached = self._start(patience)
+                self._attached = self._start(deadline)
             return self._attached
 
-    def _start(self, patience: float) -> _Attached:
+    def _start(self, until: float | None) -> _Attached:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         devnull = os.open(os.devnull, os.O_RDWR)
         try:
             # a container at its process limit (what a fork bomb left running) refuses the
             # attach's fork now and then: try again while it runs, as the server does a spawn
-            deadline = time.monotonic() + patience
+            deadline = time.monotonic() + ATTACH_PATIENCE
+            if until is not None:
+                deadline = min(deadline, until)
             while True:
                 with lxc_errors(f"container {self._name}: attaching its exec server"):
                     pid = self._container.attach(
